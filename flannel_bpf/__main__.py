@@ -1,0 +1,3 @@
+from flannel_bpf.cli import main
+
+raise SystemExit(main())
