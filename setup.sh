@@ -18,11 +18,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  # The etcd package may start a system etcd on 2379; flannel-bpf runs its own instances only.
+  if printf '%s\n' "${missing[@]}" | grep -qx etcd-server; then
+    { service etcd stop || pkill -f '^/usr/bin/etcd$'; } >/dev/null 2>&1 && say "stopped the etcd service the package started" || true
+  fi
 else
   say "Debian packages present"
 fi
-# Debian starts etcd as a service on install where it can; we run our own instances only.
-pkill -x etcd 2>/dev/null && say "stopped the etcd the package started" || true
 
 # bcc compiles against the running kernel's headers, found through /lib/modules/$(uname -r).
 # This kernel ships none, so point those links at Debian's newest linux-headers tree.
