@@ -1,8 +1,52 @@
-"""The `flannel-bpf` command line."""
+"""The `flannel-bpf` command line: a thin dispatcher over the controller, loader and lab."""
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
 
+from rich.console import Console
+from rich.logging import RichHandler
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    print("flannel-bpf: no commands yet", file=sys.stderr)
-    return 2
+from flannel_bpf import __version__
+
+log = logging.getLogger("flannel-bpf")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False,
+                          log_time_format="%H:%M:%S")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
+    # etcd3/grpc and pyroute2 are chatty at INFO; their problems reach us as exceptions anyway.
+    for noisy in ("pyroute2", "grpc", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flannel-bpf", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"flannel-bpf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Each command module registers its own parser and handler: add_parser(sub) -> None.
+    from flannel_bpf import commands
+    for module in commands.ALL:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.verbose)
+    try:
+        return args.handler(args) or 0
+    except UsageError as err:
+        log.error("%s", err)
+        return 2
+    except KeyboardInterrupt:
+        return 130

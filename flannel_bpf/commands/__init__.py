@@ -1,0 +1,2 @@
+"""One module per `flannel-bpf` command; each exposes add_parser(subparsers)."""
+ALL: list = []
