@@ -8,7 +8,7 @@ say() { printf 'setup: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (BPF, netns, apt)" >&2; exit 1; }
 
 DEBS=(python3-bpfcc python3-venv etcd-server iproute2 iperf3 ethtool tcpdump iptables
-      linux-headers-amd64 libbpf1 procps)
+      linux-headers-amd64 libbpf1 procps iputils-ping)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
