@@ -1,0 +1,419 @@
+"""The node's side of flannel's etcd subnet registry: lease, subnet.env, keep-alive, peer watch.
+
+start() acquires a subnet lease as flanneld does (reuse the lease of our public IP, else the
+previous subnet from subnet.env, else a random one of the first 100 free), writes subnet.env,
+and starts three threads:
+- the keeper renews the lease at expiry minus the renew margin (retrying every renew_retry
+  seconds while etcd fails) and re-acquires it when it is lost (flanneld exits there);
+- the watcher lists the leases at revision R, watches from R+1, resumes from the last revision
+  after etcd goes away (backoff 100 ms doubling to 5 s) and re-lists and diffs when that
+  revision was compacted;
+- the dispatcher calls the consumer's hooks, one at a time, in order.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .config import NetworkConfig
+from .lease import Lease, LeaseAttrs
+from .peers import PeerEvent, PeerSink, PeerTable
+from .registry import (EtcdError, EtcdUnavailable, InvalidEntry, LeaseChange, LeaseListing, LeaseWatch,
+                       SubnetRegistry, WatchCompacted)
+from .subnet_env import DEFAULT_SUBNET_FILE, read_previous_subnet, write_subnet_env
+
+log = logging.getLogger(__name__)
+
+SUBNET_TTL = 24 * 3600  # seconds, as flanneld
+DEFAULT_RENEW_MARGIN = 60 * 60  # seconds (--subnet-lease-renew-margin 60 minutes)
+DEFAULT_RENEW_RETRY = 60.0
+FREE_SUBNETS_TO_PICK_FROM = 100
+_MAX_ACQUIRE_ROUNDS = 200  # each lost round means another node took a subnet; bounded regardless
+
+
+class OutOfSubnets(RuntimeError):
+    """Every subnet from SubnetMin to SubnetMax is leased."""
+
+
+class SubnetAcquireError(RuntimeError):
+    """No lease could be created (e.g. lost every race)."""
+
+
+def first_free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network],
+                       limit: int = FREE_SUBNETS_TO_PICK_FROM) -> list[IPv4Network]:
+    """Up to `limit` subnets of SubnetMin..SubnetMax that overlap no taken subnet, lowest first."""
+    taken = set(taken)
+    same_size = {t for t in taken if t.prefixlen == config.subnet_len}
+    other_sizes = [t for t in taken if t.prefixlen != config.subnet_len]  # left over from an older config
+    free = []
+    for candidate in config.subnets():
+        if candidate in same_size or any(candidate.overlaps(t) for t in other_sizes):
+            continue
+        free.append(candidate)
+        if len(free) >= limit:
+            break
+    return free
+
+
+class SubnetManager:
+    """Acquire and keep this node's subnet lease, write subnet.env and stream peer events.
+
+    Callbacks run on one thread ("flannel-bpf-events"), in order:
+    `sink.on_peer_event(PeerEvent)` and `on_lease_reacquired(old_lease, new_lease)` (after our
+    lease was lost and taken again; the subnet may differ, and subnet.env is already rewritten).
+    """
+
+    def __init__(self, registry: SubnetRegistry, config: NetworkConfig, attrs: LeaseAttrs, *,
+                 mtu: int, ip_masq: bool = False, subnet_file: str | Path | None = DEFAULT_SUBNET_FILE,
+                 previous_subnet: IPv4Network | None = None, sink: PeerSink | None = None,
+                 on_lease_reacquired: Callable[[Lease, Lease], None] | None = None,
+                 ttl: int = SUBNET_TTL, renew_margin: float = DEFAULT_RENEW_MARGIN,
+                 renew_retry: float = DEFAULT_RENEW_RETRY, backoff_initial: float = 0.1,
+                 backoff_max: float = 5.0):
+        if int(ttl) < 1:
+            raise ValueError(f"lease TTL must be at least 1 s (got {ttl})")
+        if not 0 <= renew_margin < ttl:
+            raise ValueError(f"renew margin {renew_margin} s must be below the lease TTL {ttl} s")
+        if renew_retry <= 0 or backoff_initial <= 0 or backoff_max < backoff_initial:
+            raise ValueError("renew_retry and backoffs must be positive, backoff_max >= backoff_initial")
+        self.registry = registry
+        self.config = config
+        self.attrs = attrs
+        self.mtu = mtu
+        self.ip_masq = ip_masq
+        self.subnet_file = Path(subnet_file) if subnet_file is not None else None
+        if previous_subnet is None and self.subnet_file is not None:
+            previous_subnet = read_previous_subnet(self.subnet_file)
+        self.previous_subnet = previous_subnet
+        self.sink = sink
+        self.on_lease_reacquired = on_lease_reacquired
+        self.ttl = int(ttl)
+        self.renew_margin = renew_margin
+        self.renew_retry = renew_retry
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+
+        self._lease: Lease | None = None
+        self._peers = PeerTable()
+        # Held while our own subnet changes and while the watcher classifies changes, so that our
+        # own new lease is never taken for a peer.
+        self._own_lock = threading.RLock()
+        self._peers_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._wake_keeper = threading.Event()
+        self._lease_lost = threading.Event()
+        self._resync = threading.Event()
+        self._synced = threading.Event()
+        self._stream: LeaseWatch | None = None
+        self._stream_lock = threading.Lock()
+        self._events: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._reported_invalid: set[tuple[str, bytes]] = set()
+        self.reacquired_count = 0
+
+    # -- public ------------------------------------------------------------------------------
+
+    @property
+    def lease(self) -> Lease | None:
+        return self._lease
+
+    def peers(self) -> dict[IPv4Network, Lease]:
+        """The peers as the watcher knows them now (it may be ahead of the delivered events)."""
+        with self._peers_lock:
+            return self._peers.snapshot()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """True once the first full peer listing has been turned into events."""
+        return self._synced.wait(timeout)
+
+    def start(self) -> Lease:
+        """Acquire the lease and write subnet.env (raising OutOfSubnets, SubnetAcquireError or
+        EtcdError when that fails), then start keeping it and watching peers."""
+        with self._own_lock:
+            self._lease = self._acquire(self.previous_subnet)
+        self._write_subnet_env()
+        for name, target in (("flannel-bpf-events", self._dispatch), ("flannel-bpf-watch", self._watch),
+                             ("flannel-bpf-lease", self._keep)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self._lease
+
+    def stop(self, release: bool = False, timeout: float = 10.0) -> None:
+        """Stop the threads (events already queued are still delivered). With release, delete
+        our lease from etcd; otherwise it stays until it expires, as flanneld leaves it."""
+        self._stopping.set()
+        self._wake_keeper.set()
+        self._cancel_stream()
+        for thread in self._threads:
+            if thread.name != "flannel-bpf-events":
+                thread.join(timeout)
+        self._events.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+        if release and self._lease is not None:
+            try:
+                if self.registry.delete_lease(self._lease):
+                    log.info("released lease %s", self._lease.subnet)
+            except EtcdError as exc:
+                log.warning("could not release lease %s: %s", self._lease.subnet, exc)
+
+    # -- acquiring ---------------------------------------------------------------------------
+
+    def _acquire(self, previous: IPv4Network | None) -> Lease:
+        lost_races: set[IPv4Network] = set()
+        for _ in range(_MAX_ACQUIRE_ROUNDS):
+            listing = self.registry.list_leases()
+            reused = self._reuse_own_lease(listing)
+            if reused == "retry":
+                continue
+            if reused is not None:
+                return reused
+            taken = set(listing.taken()) | lost_races
+            subnet = self._previous_if_free(previous, taken)
+            if subnet is None:
+                free = first_free_subnets(self.config, taken)
+                if not free:
+                    raise OutOfSubnets(f"out of subnets: every /{self.config.subnet_len} from "
+                                       f"{self.config.subnet_min} to {self.config.subnet_max} is leased")
+                subnet = random.choice(free)
+            created = self.registry.create_lease(subnet, self.attrs, self.ttl)
+            if created is not None:
+                log.info("acquired lease %s for %s", subnet, self.attrs.public_ip)
+                return created
+            log.info("lost the race for %s to another node; trying another subnet", subnet)
+            lost_races.add(subnet)
+        raise SubnetAcquireError(f"no subnet lease after {_MAX_ACQUIRE_ROUNDS} rounds of lost races")
+
+    def _reuse_own_lease(self, listing: LeaseListing) -> Lease | str | None:
+        """flanneld's first choice: the lease that already carries our public IP."""
+        for lease in listing.leases:
+            if lease.public_ip != self.attrs.public_ip:
+                continue
+            if not self.config.fits(lease.subnet):
+                log.info("deleting lease %s of our public IP %s: it does not fit the network config",
+                         lease.subnet, lease.public_ip)
+                self.registry.delete_lease(lease)
+                return "retry"
+            renewed = self.registry.update_lease(lease, self.attrs, self.ttl)
+            if renewed is None:
+                return "retry"  # it changed under us: look again
+            log.info("reusing lease %s held by our public IP %s", lease.subnet, lease.public_ip)
+            return renewed
+        return None
+
+    def _previous_if_free(self, previous: IPv4Network | None, taken: set[IPv4Network]) -> IPv4Network | None:
+        if previous is None:
+            return None
+        if not self.config.fits(previous):
+            log.warning("previous subnet %s does not fit the network config; not reusing it", previous)
+            return None
+        if any(previous.overlaps(t) for t in taken):
+            log.info("previous subnet %s is leased by another node; picking a new one", previous)
+            return None
+        log.info("trying our previous subnet %s", previous)
+        return previous
+
+    def _write_subnet_env(self) -> None:
+        if self.subnet_file is None:
+            return
+        write_subnet_env(self.subnet_file, self.config.network, self._lease.subnet, self.mtu, self.ip_masq)
+        log.info("wrote %s (subnet %s, MTU %d)", self.subnet_file, self._lease.subnet, self.mtu)
+
+    # -- keeping the lease -------------------------------------------------------------------
+
+    def _renew_due(self) -> float:
+        """time.monotonic() at which to renew: expiry minus the margin."""
+        remaining = (self._lease.expires_at or time.time()) - time.time()
+        return time.monotonic() + max(0.0, remaining - self.renew_margin)
+
+    def _keep(self) -> None:
+        due = self._renew_due()
+        reacquire = False
+        while True:
+            self._wake_keeper.wait(max(0.0, due - time.monotonic()))
+            self._wake_keeper.clear()
+            if self._stopping.is_set():
+                return
+            if self._lease_lost.is_set():
+                self._lease_lost.clear()
+                reacquire, due = True, time.monotonic()
+            if time.monotonic() < due:
+                continue
+            try:
+                if reacquire:
+                    self._reacquire()
+                    reacquire = False
+                elif not self._renew():
+                    reacquire = True
+                    continue
+                due = self._renew_due()
+            except Exception as exc:  # EtcdError and running out of subnets are expected
+                action = "re-acquire" if reacquire else "renew"
+                if isinstance(exc, (EtcdError, OutOfSubnets, SubnetAcquireError)):
+                    log.warning("could not %s lease %s: %s; retrying in %.0f s", action, self._lease.subnet,
+                                exc, self.renew_retry)
+                else:
+                    log.exception("could not %s lease %s; retrying in %.0f s", action, self._lease.subnet,
+                                  self.renew_retry)
+                due = time.monotonic() + self.renew_retry
+
+    def _renew(self) -> bool:
+        """Renew with a fresh TTL; False when the lease turned out to be lost."""
+        renewed = self.registry.update_lease(self._lease, self.attrs, self.ttl)
+        if renewed is None:
+            log.warning("our lease %s changed or vanished in etcd; re-acquiring", self._lease.subnet)
+            return False
+        self._lease = renewed
+        log.info("renewed lease %s until %s", renewed.subnet,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(renewed.expires_at)))
+        return True
+
+    def _reacquire(self) -> None:
+        with self._own_lock:
+            old = self._lease
+            new = self._acquire(previous=old.subnet)
+            self._lease = new
+            # The new subnet may still be in the peer table if its previous holder's DELETE is
+            # not processed yet: it is gone (we created the key), so remove it now.
+            with self._peers_lock:
+                gone = self._peers.apply(new.subnet, None)
+            if gone is not None:
+                self._announce(gone)
+            self.reacquired_count += 1
+            if new.subnet != old.subnet:
+                log.warning("re-acquired a different subnet: %s (was %s)", new.subnet, old.subnet)
+                self._write_subnet_env()
+            else:
+                log.info("re-acquired lease %s", new.subnet)
+            if self.on_lease_reacquired is not None:
+                self._events.put((self.on_lease_reacquired, (old, new)))
+        # Changes to other nodes' keys on our old subnet were ignored while we held it: re-list.
+        self._resync.set()
+        self._cancel_stream()
+
+    def _signal_lease_lost(self, why: str) -> None:
+        log.warning("our lease %s %s; re-acquiring", self._lease.subnet, why)
+        self._lease_lost.set()
+        self._wake_keeper.set()
+
+    # -- watching peers ----------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        revision = None
+        backoff = self.backoff_initial
+        outage = None
+        while not self._stopping.is_set():
+            try:
+                if revision is None or self._resync.is_set():
+                    self._resync.clear()
+                    listing = self.registry.list_leases()
+                    self._apply_listing(listing)
+                    revision = listing.revision
+                stream = self.registry.watch_leases(revision + 1)
+                with self._stream_lock:
+                    self._stream = stream
+                if self._stopping.is_set() or self._resync.is_set():
+                    stream.cancel()
+                for changes in stream:
+                    if outage is not None:
+                        log.info("etcd watch re-established after %s", outage)
+                        outage = None
+                    backoff = self.backoff_initial
+                    for change in changes:
+                        self._apply_change(change)
+                        revision = max(revision, change.revision)
+            except WatchCompacted as exc:
+                log.warning("watch from revision %d fell behind etcd compaction (%s); re-listing", revision + 1,
+                            exc.compact_revision)
+                revision = None
+            except Exception as exc:  # EtcdError is expected; anything else is a bug, but keep watching
+                if not isinstance(exc, EtcdError):
+                    log.exception("peer watch failed unexpectedly")
+                elif outage is None:
+                    outage = str(exc)
+                    log.warning("etcd watch interrupted (%s); reconnecting with backoff up to %.0f s",
+                                exc, self.backoff_max)
+                self.registry.next_endpoint()
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+            finally:
+                with self._stream_lock:
+                    self._stream = None
+
+    def _cancel_stream(self) -> None:
+        with self._stream_lock:
+            if self._stream is not None:
+                self._stream.cancel()
+
+    def _apply_listing(self, listing: LeaseListing) -> None:
+        with self._own_lock:
+            own = self._lease
+            for entry in listing.invalid:
+                self._report_invalid(entry)
+            leases = {lease.subnet: lease for lease in listing.leases}
+            if listing.revision >= own.mod_revision:
+                mine = leases.get(own.subnet)
+                if mine is None or mine.public_ip != own.public_ip:
+                    self._signal_lease_lost("is missing from etcd" if mine is None
+                                            else f"is now held by {mine.public_ip}")
+            leases.pop(own.subnet, None)
+            with self._peers_lock:
+                events = self._peers.reset(leases)
+            for event in events:
+                self._announce(event)
+        self._synced.set()
+
+    def _apply_change(self, change: LeaseChange) -> None:
+        if change.invalid is not None:
+            self._report_invalid(change.invalid)
+        elif change.kind == "delete":
+            self._reported_invalid = {r for r in self._reported_invalid if r[0] != change.key}
+        if change.subnet is None:
+            return
+        with self._own_lock:
+            own = self._lease
+            if change.subnet == own.subnet:
+                if change.revision <= own.mod_revision:
+                    return  # older than our own latest write
+                if change.kind == "delete":
+                    self._signal_lease_lost("was deleted from etcd (removed or expired)")
+                elif change.lease is None or change.lease.public_ip != own.public_ip:
+                    holder = change.lease.public_ip if change.lease else "an unparseable value"
+                    self._signal_lease_lost(f"was overwritten by {holder}")
+                return
+            with self._peers_lock:
+                event = self._peers.apply(change.subnet, change.lease)
+            if event is not None:
+                self._announce(event)
+
+    def _report_invalid(self, entry: InvalidEntry) -> None:
+        marker = (entry.key, entry.value)
+        if marker not in self._reported_invalid:
+            self._reported_invalid.add(marker)
+            log.warning("skipping lease %s: %s", entry.key, entry.reason)
+
+    def _announce(self, event: PeerEvent) -> None:
+        log.info("%s", event.describe())
+        if self.sink is not None:
+            self._events.put((self.sink.on_peer_event, (event,)))
+
+    # -- delivering --------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while True:
+            item = self._events.get()
+            if item is None:
+                return
+            callback, args = item
+            try:
+                callback(*args)
+            except Exception:  # a consumer bug must not stop the stream
+                log.exception("event consumer %r failed", callback)
