@@ -219,22 +219,42 @@ def _set_xdp(ipr: IPRoute, ifindex: int, fd: int, mode: str) -> None:
              xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", XDP_MODES[mode])]})
 
 
+def _attach_xdp_mode(ipr: IPRoute, ifindex: int, prog_fd: int, mode: str) -> None:
+    try:
+        _set_xdp(ipr, ifindex, prog_fd, mode)
+        return
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+    # The kernel allows one mode at a time: clear the other one, and put it back if the
+    # wanted mode then fails, so a failed attach never leaves the device without its program.
+    others = [a for a in _xdp_attachments(ipr, ifindex) if a.mode != mode]
+    for a in others:
+        _set_xdp(ipr, ifindex, -1, a.mode)
+    try:
+        _set_xdp(ipr, ifindex, prog_fd, mode)
+    except NetlinkError:
+        for a in others:
+            fd = _check(_bpf().bpf_prog_get_fd_by_id(a.prog_id), f"reopen XDP program {a.prog_id}")
+            try:
+                _set_xdp(ipr, ifindex, fd, a.mode)
+            finally:
+                os.close(fd)
+        raise
+
+
 def attach_xdp(dev: str | int, prog_fd: int, mode: str = "auto") -> str:
-    """Attach an XDP program, replacing whatever XDP program the device had; returns the
-    mode used. "auto" tries native (driver) mode and falls back to generic."""
+    """Attach an XDP program, replacing the device's XDP program; returns the mode used.
+    "auto" tries native (driver) mode and falls back to generic. On failure the device keeps
+    the program it had."""
     if mode not in ("auto", *XDP_MODES):
         raise ValueError(f"XDP mode must be auto, native or generic, got {mode!r}")
     with IPRoute() as ipr:
         ifindex = _resolve(ipr, dev)
-        tries = ["native", "generic"] if mode == "auto" else [mode]
         errors = []
-        for attempt in tries:
-            # The kernel refuses a second mode while one is active: clear the other first.
-            for current in _xdp_attachments(ipr, ifindex):
-                if current.mode != attempt:
-                    _set_xdp(ipr, ifindex, -1, current.mode)
+        for attempt in (["native", "generic"] if mode == "auto" else [mode]):
             try:
-                _set_xdp(ipr, ifindex, prog_fd, attempt)
+                _attach_xdp_mode(ipr, ifindex, prog_fd, attempt)
             except NetlinkError as e:
                 errors.append(f"{attempt}: {e.args[1] if len(e.args) > 1 else e}")
                 continue
@@ -268,6 +288,7 @@ def _bpf():
         lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
         lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
         lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+        lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
         _libbpf = lib
     return _libbpf
 
@@ -277,6 +298,15 @@ def _check(ret: int, what: str) -> int:
         code = ctypes.get_errno() or -ret
         raise OSError(code, f"{what}: {os.strerror(code)}")
     return ret
+
+
+def program_id(fd: int) -> int:
+    """The kernel's id of the BPF program (or map) behind an fd, from /proc/self/fdinfo."""
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("prog_id", "map_id"):
+            return int(value)
+    raise ValueError(f"fd {fd} is not a BPF program or map")
 
 
 def _under_bpffs(path: str | Path) -> Path:

@@ -18,7 +18,9 @@ from pyroute2 import netns as _pyroute2_netns
 log = logging.getLogger(__name__)
 
 NETNS_RUN_DIR = Path("/run/netns")
-_CLONE_NEWNET = 0x40000000
+# The kernel gives the initial network namespace this fixed inode (PROC_NET_INIT_INO); it
+# also works where /proc/1/ns/net is unreadable (as in some sandboxes, even for root).
+PROC_NET_INIT_INO = 0xEFFFFFF9
 
 
 class NetnsNotFound(LookupError):
@@ -61,10 +63,12 @@ def _ns_id(path: str | Path) -> tuple[int, int]:
 def current_netns_name() -> str | None:
     """Name of the calling thread's network namespace.
 
-    None in the init namespace (the one PID 1 uses); the /run/netns name when one matches;
+    None in the init namespace; the /run/netns name when one matches;
     `netns-<inode>` for an unnamed, non-init namespace so callers still get a unique key.
     """
     mine = _ns_id("/proc/thread-self/ns/net")
+    if mine[1] == PROC_NET_INIT_INO:
+        return None
     with contextlib.suppress(OSError):
         if mine == _ns_id("/proc/1/ns/net"):
             return None
