@@ -5,12 +5,16 @@
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
-from flannel_bpf.loader.netns import NetnsNotFound, netns_path
+from flannel_bpf.loader.netns import NetnsNotFound, in_netns, netns_path
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -90,3 +94,50 @@ def ping(netns: str, destination: str, *, count: int = 3, wait: float = 1.0,
         return parse_ping(proc.stdout)
     except ValueError:
         return PingResult(count, 0, None, None, None, error=(proc.stderr or proc.stdout).strip())
+
+
+def tcp_transfer(client_netns: str, server_netns: str, server_ip: str, nbytes: int = 4 << 20,
+                 timeout: float = 10.0) -> bool:
+    """Send `nbytes` of random data over one TCP connection between two namespaces; True if
+    every byte arrived intact. The listening socket exists before the client connects, so
+    there is no start-up race; every step is bounded by `timeout`."""
+    payload = os.urandom(nbytes)
+    with in_netns(server_netns):
+        server = socket.create_server((server_ip, 0))
+    server.settimeout(timeout)
+    digest = hashlib.sha256()
+    received = 0
+
+    def serve() -> None:
+        nonlocal received
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(timeout)
+            try:
+                while chunk := conn.recv(1 << 16):
+                    digest.update(chunk)
+                    received += len(chunk)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with in_netns(client_netns):
+            client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with client:
+            client.settimeout(timeout)
+            try:
+                client.connect((server_ip, server.getsockname()[1]))
+                client.sendall(payload)
+                client.shutdown(socket.SHUT_WR)
+            except OSError:
+                return False
+        thread.join(timeout)
+    finally:
+        server.close()
+        thread.join(timeout)
+    return received == nbytes and digest.digest() == hashlib.sha256(payload).digest()

@@ -1,0 +1,241 @@
+"""Stock-equivalent kernel VXLAN backend: what flanneld's vxlan backend programs.
+
+- device flannel.<VNI>: vxlan id VNI, local = public IP, dev = uplink, nolearning, dstport 8472,
+  MTU = uplink MTU - 50, a random locally administered unicast MAC (the VtepMAC), address
+  <own subnet .0>/32, up;
+- per peer: neighbour <peer .0> lladdr <VtepMAC> permanent, FDB <VtepMAC> dst <PublicIP>
+  (self, permanent), route <subnet> via <peer .0> dev flannel.<VNI> onlink;
+- with DirectRouting and the peer on-link: only route <subnet> via <PublicIP> dev <uplink>.
+
+Everything acts on the calling thread's network namespace (see loader.netns.in_netns).
+The BPF backend reuses this device as its kernel fallback path.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import ndmsg
+
+from flannel_bpf.loader.peer import MAX_VNI, Peer, normalize_mac
+from flannel_bpf.loader.routes import (BackendError, PeerFailure, PeerRejected,
+                                       delete_our_routes, delete_route, for_each_peer,
+                                       is_on_link, link_index, replace_route, require_link)
+
+log = logging.getLogger(__name__)
+
+VXLAN_OVERHEAD = 50        # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+DEFAULT_VXLAN_PORT = 8472  # the Linux default, which flannel's Port 0 means
+IFNAMSIZ = 15
+_PERMANENT = ndmsg.states["permanent"]
+_NTF_SELF = ndmsg.flags["self"]
+
+__all__ = ["KernelVxlanBackend", "VxlanDevice", "Peer", "PeerFailure", "BackendError",
+           "is_on_link", "random_vtep_mac", "vxlan_device_name", "VXLAN_OVERHEAD",
+           "DEFAULT_VXLAN_PORT"]
+
+
+def random_vtep_mac() -> str:
+    """A random locally administered unicast MAC, as flannel makes for its VTEP."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def vxlan_device_name(vni: int) -> str:
+    return f"flannel.{vni}"
+
+
+@dataclass(frozen=True)
+class VxlanDevice:
+    name: str
+    ifindex: int
+    vni: int
+    mac: str            # the VtepMAC to publish in the lease
+    mtu: int
+    local: IPv4Address
+    port: int
+    uplink_ifindex: int
+
+
+class KernelVxlanBackend:
+    def __init__(self, *, uplink: str, public_ip: IPv4Address | str, subnet: IPv4Network | str,
+                 vni: int = 1, port: int = 0, vtep_mac: str | None = None,
+                 mtu: int | None = None, direct_routing: bool = False, learning: bool = False):
+        """`subnet` is this node's own lease subnet; port 0 means the kernel default 8472;
+        mtu None means uplink MTU - 50; vtep_mac None keeps an existing device's MAC or makes
+        a random one."""
+        if isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni <= MAX_VNI:
+            raise ValueError(f"bad VNI {vni!r}: must be an integer 0..{MAX_VNI}")
+        if len(vxlan_device_name(vni)) > IFNAMSIZ:
+            raise ValueError(f"VNI {vni} makes the device name {vxlan_device_name(vni)!r} "
+                             f"longer than {IFNAMSIZ} characters")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"bad VXLAN port {port!r}: must be 0..65535")
+        if mtu is not None and not 576 <= mtu <= 65535:
+            raise ValueError(f"bad VXLAN MTU {mtu!r}")
+        self.uplink = uplink
+        self.public_ip = IPv4Address(public_ip)
+        self.subnet = IPv4Network(subnet)
+        self.vni = vni
+        self.port = port or DEFAULT_VXLAN_PORT
+        self.vtep_mac = None if vtep_mac is None else normalize_mac(vtep_mac, "vtep_mac")
+        self.mtu = mtu
+        self.direct_routing = direct_routing
+        self.learning = learning
+        self.name = vxlan_device_name(vni)
+
+    # ------------------------------------------------------------------ the device
+
+    def setup(self) -> VxlanDevice:
+        """Create flannel.<VNI>, or reuse a matching one (a mismatched one is replaced)."""
+        with IPRoute() as ipr:
+            uplink_idx = require_link(ipr, self.uplink, "uplink")
+            uplink = ipr.link("get", index=uplink_idx)[0]
+            mtu = self.mtu or uplink.get_attr("IFLA_MTU") - VXLAN_OVERHEAD
+            idx = link_index(ipr, self.name)
+            existing = ipr.link("get", index=idx)[0] if idx is not None else None
+            if existing is not None and not self._matches(existing, uplink_idx):
+                log.info("replacing %s: its settings differ from the wanted ones", self.name)
+                ipr.link("del", index=idx)
+                existing = None
+            if existing is None:
+                mac = self.vtep_mac or random_vtep_mac()
+                try:
+                    ipr.link("add", ifname=self.name, kind="vxlan", vxlan_id=self.vni,
+                             vxlan_local=str(self.public_ip), vxlan_link=uplink_idx,
+                             vxlan_port=self.port, vxlan_learning=int(self.learning),
+                             address=mac, mtu=mtu)
+                except NetlinkError as e:
+                    raise BackendError(f"cannot create {self.name}: {e}") from e
+                idx = require_link(ipr, self.name, "VXLAN device")
+            else:
+                mac = existing.get_attr("IFLA_ADDRESS")
+                changes = {}
+                if self.vtep_mac and mac != self.vtep_mac:
+                    changes["address"] = mac = self.vtep_mac
+                if existing.get_attr("IFLA_MTU") != mtu:
+                    changes["mtu"] = mtu
+                if changes:
+                    ipr.link("set", index=idx, **changes)
+            self._ensure_only_address(ipr, idx)
+            ipr.link("set", index=idx, state="up")
+            self.vtep_mac = mac
+            return VxlanDevice(self.name, idx, self.vni, mac, mtu, self.public_ip, self.port,
+                               uplink_idx)
+
+    def _matches(self, link, uplink_idx: int) -> bool:
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+            return False
+        data = info.get_attr("IFLA_INFO_DATA")
+        return (data.get_attr("IFLA_VXLAN_ID") == self.vni
+                and data.get_attr("IFLA_VXLAN_LOCAL") == str(self.public_ip)
+                and data.get_attr("IFLA_VXLAN_LINK") == uplink_idx
+                and data.get_attr("IFLA_VXLAN_PORT") == self.port
+                and bool(data.get_attr("IFLA_VXLAN_LEARNING")) == self.learning)
+
+    def _ensure_only_address(self, ipr: IPRoute, idx: int) -> None:
+        # flannel's EnsureV4AddressOnLink: <subnet .0>/32 and no other IPv4 address.
+        wanted = IPv4Interface(f"{self.subnet.network_address}/32")
+        present = False
+        for a in ipr.get_addr(index=idx, family=2):
+            have = IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+            if have == wanted:
+                present = True
+            else:
+                ipr.addr("del", index=idx, address=str(have.ip), prefixlen=a["prefixlen"])
+        if not present:
+            ipr.addr("add", index=idx, address=str(wanted.ip), prefixlen=32)
+
+    def device(self) -> VxlanDevice | None:
+        """The current device, if it exists."""
+        with IPRoute() as ipr:
+            idx = link_index(ipr, self.name)
+            if idx is None:
+                return None
+            link = ipr.link("get", index=idx)[0]
+            data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
+            return VxlanDevice(self.name, idx, data.get_attr("IFLA_VXLAN_ID"),
+                               link.get_attr("IFLA_ADDRESS"), link.get_attr("IFLA_MTU"),
+                               IPv4Address(data.get_attr("IFLA_VXLAN_LOCAL")),
+                               data.get_attr("IFLA_VXLAN_PORT"), data.get_attr("IFLA_VXLAN_LINK"))
+
+    # ------------------------------------------------------------------ peers
+
+    def apply_peers(self, peers: Iterable[Peer]) -> list[PeerFailure]:
+        """Program (or re-program) peers; returns the ones that could not be, with reasons."""
+        with IPRoute() as ipr:
+            vx = require_link(ipr, self.name, "VXLAN device (call setup() first)")
+            uplink = require_link(ipr, self.uplink, "uplink")
+            return for_each_peer(peers, lambda p: self._apply(ipr, vx, uplink, p), "program")
+
+    def remove_peers(self, peers: Iterable[Peer]) -> list[PeerFailure]:
+        """Remove the route, neighbour and FDB entry of each peer, whichever mode it was in."""
+        with IPRoute() as ipr:
+            vx = link_index(ipr, self.name)
+            return for_each_peer(peers, lambda p: self._remove(ipr, vx, p), "remove")
+
+    def teardown(self) -> None:
+        """Remove the device (its routes, neighbours and FDB go with it) and our direct routes."""
+        with IPRoute() as ipr:
+            idx = link_index(ipr, self.name)
+            if idx is not None:
+                ipr.link("del", index=idx)
+            uplink = link_index(ipr, self.uplink)
+            if uplink is not None:
+                delete_our_routes(ipr, oif=uplink)
+
+    def _apply(self, ipr: IPRoute, vx: int, uplink: int, peer: Peer) -> None:
+        if peer.vni != self.vni:
+            raise PeerRejected(f"peer VNI {peer.vni} differs from ours ({self.vni})")
+        if self.direct_routing and is_on_link(peer.public_ip, ipr):
+            self._forget_vtep(ipr, vx, peer.vtep_ip)
+            replace_route(ipr, peer.subnet, peer.public_ip, uplink)
+            return
+        if peer.vtep_mac is None:
+            raise PeerRejected("peer has no VtepMAC")
+        self._forget_vtep(ipr, vx, peer.vtep_ip, keep_mac=peer.vtep_mac)
+        ipr.neigh("replace", ifindex=vx, dst=str(peer.vtep_ip), lladdr=peer.vtep_mac,
+                  state=_PERMANENT)
+        ipr.fdb("replace", ifindex=vx, lladdr=peer.vtep_mac, dst=str(peer.public_ip),
+                state=_PERMANENT, flags=_NTF_SELF)
+        # Last, as flannel does: the neighbour above spares the kernel an ARP for the gateway.
+        replace_route(ipr, peer.subnet, peer.vtep_ip, vx, onlink=True)
+
+    def _remove(self, ipr: IPRoute, vx: int | None, peer: Peer) -> None:
+        delete_route(ipr, peer.subnet)
+        if vx is not None:
+            self._forget_vtep(ipr, vx, peer.vtep_ip)
+            if peer.vtep_mac:
+                _delete_fdb(ipr, vx, peer.vtep_mac)
+
+    def _forget_vtep(self, ipr: IPRoute, vx: int, vtep_ip: IPv4Address,
+                     keep_mac: str | None = None) -> None:
+        """Drop the neighbour of a peer's .0 and the FDB entry of its MAC, unless that MAC is
+        `keep_mac`: a peer that changed VtepMAC or went direct leaves no stale entries."""
+        for n in ipr.neigh("dump", ifindex=vx, family=2):
+            if n.get_attr("NDA_DST") != str(vtep_ip):
+                continue
+            mac = n.get_attr("NDA_LLADDR")
+            if mac and mac != keep_mac:
+                _delete_fdb(ipr, vx, mac)
+                try:
+                    ipr.neigh("del", ifindex=vx, dst=str(vtep_ip))
+                except NetlinkError as e:
+                    if e.code != errno.ENOENT:
+                        raise
+
+
+def _delete_fdb(ipr: IPRoute, vx: int, mac: str) -> None:
+    try:
+        ipr.fdb("del", ifindex=vx, lladdr=mac)
+    except NetlinkError as e:
+        if e.code != errno.ENOENT:
+            raise

@@ -1,0 +1,225 @@
+"""The stock-equivalent kernel backends (flanneld's vxlan and host-gw) in a real netns lab."""
+import json
+from ipaddress import IPv4Network
+
+import pytest
+
+from flannel_bpf.lab.run import ping, run_in_netns, tcp_transfer
+from flannel_bpf.lab.topology import temporary_lab
+from flannel_bpf.loader.host_gw import HostGwBackend
+from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, Peer, random_vtep_mac
+from flannel_bpf.loader.netns import in_netns
+from flannel_bpf.loader.routes import BackendError
+
+pytestmark = pytest.mark.usefixtures("require_root")
+
+
+def subnet_of(host):
+    return IPv4Network(f"10.244.{host.index}.0/24")
+
+
+def add_pods(lab, per_host, mtu):
+    for host in lab.hosts:
+        for j in range(1, per_host + 1):
+            lab.add_pod(host.index, j, f"10.244.{host.index}.{1 + j}/24", f"10.244.{host.index}.1", mtu)
+
+
+def ipj(netns, *args):
+    """`ip -j ...` (or `bridge -j ...` with args starting 'bridge') parsed."""
+    argv = list(args) if args[0] == "bridge" else ["ip", *args]
+    out = run_in_netns(netns, [argv[0], "-j", *argv[1:]]).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def route(netns, dst):
+    found = ipj(netns, "route", "show", dst)
+    return found[0] if found else None
+
+
+def reaches(src_ns, dst_ip):
+    return ping(src_ns, dst_ip, count=2, wait=1).ok
+
+
+def unreachable(src_ns, dst_ip):
+    return ping(src_ns, dst_ip, count=1, wait=0.5).received == 0
+
+
+def vxlan_cluster(lab, **options):
+    """A KernelVxlanBackend per host, set up and given every other host as a peer."""
+    backends, peers = {}, {}
+    for host in lab.hosts:
+        with in_netns(host.netns):
+            backend = KernelVxlanBackend(uplink="eth0", public_ip=host.ip, subnet=subnet_of(host), **options)
+            device = backend.setup()
+        backends[host.index] = backend
+        peers[host.index] = Peer(subnet_of(host), host.ip, device.mac, 1)
+    for host in lab.hosts:
+        with in_netns(host.netns):
+            assert backends[host.index].apply_peers(
+                [p for i, p in peers.items() if i != host.index]) == []
+    return backends, peers
+
+
+def test_kernel_vxlan_as_flanneld_programs_it():
+    with temporary_lab(prefix="tv", hosts=2) as lab:
+        add_pods(lab, 2, 1450)
+        h1, h2 = lab.hosts
+        backends, peers = vxlan_cluster(lab)
+
+        (link,) = ipj(h1.netns, "-d", "link", "show", "flannel.1")
+        data = link["linkinfo"]["info_data"]
+        assert link["mtu"] == 1450 and link["address"] == peers[1].vtep_mac
+        assert int(link["address"][:2], 16) & 0b11 == 0b10  # locally administered, unicast
+        assert (data["id"], data["local"], data["link"], data["port"], data["learning"]) == \
+            (1, "198.18.0.11", "eth0", 8472, False)
+        (addr,) = ipj(h1.netns, "-4", "addr", "show", "flannel.1")
+        assert [(a["local"], a["prefixlen"]) for a in addr["addr_info"]] == [("10.244.1.0", 32)]
+        assert [(n["dst"], n["lladdr"], n["state"]) for n in ipj(h1.netns, "neigh", "show", "dev", "flannel.1")] \
+            == [("10.244.2.0", peers[2].vtep_mac, ["PERMANENT"])]
+        fdb = [e for e in ipj(h1.netns, "bridge", "fdb", "show", "dev", "flannel.1") if e.get("dst")]
+        assert [(e["mac"], e["dst"], e["state"]) for e in fdb] == [(peers[2].vtep_mac, "198.18.0.12", "permanent")]
+        assert "self" in fdb[0]["flags"]
+        r = route(h1.netns, "10.244.2.0/24")
+        assert (r["gateway"], r["dev"], r["flags"]) == ("10.244.2.0", "flannel.1", ["onlink"])
+
+        p11, p12 = h1.pods
+        p21, p22 = h2.pods
+        assert reaches(p11.netns, p21.ip) and reaches(p22.netns, p12.ip)
+        assert reaches(h1.netns, p22.ip)   # host to remote pod, from its .0 address
+        assert tcp_transfer(p11.netns, p22.netns, p22.ip)
+
+        # Idempotent: same device, same MAC, nothing duplicated.
+        with in_netns(h1.netns):
+            again = backends[1].setup()
+            assert (again.mac, again.ifindex) == (peers[1].vtep_mac, link["ifindex"])
+            assert backends[1].apply_peers([peers[2]]) == []
+        assert len(ipj(h1.netns, "neigh", "show", "dev", "flannel.1")) == 1
+
+        # Removing the peer removes route, neighbour and FDB entry: unreachable.
+        with in_netns(h1.netns):
+            assert backends[1].remove_peers([peers[2]]) == []
+            assert backends[1].remove_peers([peers[2]]) == []  # idempotent
+        assert route(h1.netns, "10.244.2.0/24") is None
+        assert ipj(h1.netns, "neigh", "show", "dev", "flannel.1") == []
+        assert not [e for e in ipj(h1.netns, "bridge", "fdb", "show", "dev", "flannel.1") if e.get("dst")]
+        assert unreachable(p11.netns, p21.ip) and unreachable(h1.netns, p22.ip)
+
+        with in_netns(h1.netns):
+            backends[1].teardown()
+            backends[1].teardown()
+        assert ipj(h1.netns, "link", "show") and not any(
+            link["ifname"] == "flannel.1" for link in ipj(h1.netns, "link", "show"))
+
+
+def test_vxlan_device_reuse_replacement_and_peer_errors():
+    with temporary_lab(prefix="tv", hosts=1) as lab:
+        h1 = lab.host(1)
+        mac = random_vtep_mac()
+        with in_netns(h1.netns):
+            first = KernelVxlanBackend(uplink="eth0", public_ip=h1.ip, subnet="10.244.1.0/24",
+                                       vtep_mac=mac).setup()
+            assert first.mac == mac
+            # A restart without a MAC keeps the device and its MAC (the lease stays valid),
+            # and puts the address back to exactly <.0>/32.
+            run_in_netns(h1.netns, ["ip", "addr", "add", "10.99.0.1/24", "dev", "flannel.1"])
+            reused = KernelVxlanBackend(uplink="eth0", public_ip=h1.ip, subnet="10.244.1.0/24").setup()
+            assert (reused.ifindex, reused.mac) == (first.ifindex, mac)
+            (addr,) = ipj(h1.netns, "-4", "addr", "show", "flannel.1")
+            assert [a["local"] for a in addr["addr_info"]] == ["10.244.1.0"]
+            # A device with other settings (port) is replaced.
+            backend = KernelVxlanBackend(uplink="eth0", public_ip=h1.ip, subnet="10.244.1.0/24",
+                                         port=4789, mtu=1400)
+            replaced = backend.setup()
+            assert replaced.ifindex != first.ifindex and (replaced.port, replaced.mtu) == (4789, 1400)
+            assert backend.device() == replaced
+
+            good = Peer("10.244.2.0/24", "198.18.0.12", random_vtep_mac())
+            failures = backend.apply_peers([
+                Peer("10.244.3.0/24", "198.18.0.13", random_vtep_mac(), vni=2),
+                Peer("10.244.4.0/24", "198.18.0.14", None),
+                good,
+            ])
+            assert [(f.peer.subnet, f.reason) for f in failures] == [
+                (IPv4Network("10.244.3.0/24"), "peer VNI 2 differs from ours (1)"),
+                (IPv4Network("10.244.4.0/24"), "peer has no VtepMAC"),
+            ]
+            # A peer whose VtepMAC changed leaves no stale FDB entry behind.
+            moved = Peer(good.subnet, good.public_ip, random_vtep_mac())
+            assert backend.apply_peers([moved]) == []
+            fdb = [e["mac"] for e in ipj(h1.netns, "bridge", "fdb", "show", "dev", "flannel.1") if e.get("dst")]
+            assert fdb == [moved.vtep_mac]
+
+            with pytest.raises(BackendError, match="uplink 'nope'"):
+                KernelVxlanBackend(uplink="nope", public_ip=h1.ip, subnet="10.244.1.0/24").setup()
+            with pytest.raises(BackendError, match="call setup"):
+                KernelVxlanBackend(uplink="eth0", public_ip=h1.ip, subnet="10.244.1.0/24",
+                                   vni=7).apply_peers([good])
+    with pytest.raises(ValueError, match="peer vtep_mac"):
+        Peer("10.244.2.0/24", "198.18.0.12", "01:00:5e:00:00:01")
+    with pytest.raises(ValueError, match="peer subnet"):
+        Peer("10.244.2.1/24", "198.18.0.12", None)
+    with pytest.raises(ValueError, match="peer public_ip"):
+        Peer("10.244.2.0/24", "198.18.0.300", None)
+    with pytest.raises(ValueError, match="longer than 15"):
+        KernelVxlanBackend(uplink="eth0", public_ip="198.18.0.11", subnet="10.244.1.0/24", vni=16000000)
+
+
+def test_host_gw_as_flanneld_programs_it():
+    with temporary_lab(prefix="tg", hosts=2) as lab:
+        add_pods(lab, 1, 1500)
+        h1, h2 = lab.hosts
+        backends = {h.index: HostGwBackend(uplink="eth0") for h in lab.hosts}
+        peers = {h.index: Peer(subnet_of(h), h.ip) for h in lab.hosts}
+        for h, other in ((h1, h2), (h2, h1)):
+            with in_netns(h.netns):
+                backends[h.index].setup()
+                assert backends[h.index].apply_peers([peers[other.index]]) == []
+        r = route(h1.netns, "10.244.2.0/24")
+        assert (r["gateway"], r["dev"]) == ("198.18.0.12", "eth0")
+        assert reaches(h1.pods[0].netns, h2.pods[0].ip) and reaches(h2.netns, h1.pods[0].ip)
+        assert tcp_transfer(h2.pods[0].netns, h1.pods[0].netns, h1.pods[0].ip)
+
+        with in_netns(h1.netns):
+            off_link = Peer("10.244.9.0/24", "198.18.1.50")
+            (failure,) = backends[1].apply_peers([off_link])
+            assert "not on eth0's L2 segment" in failure.reason
+            assert backends[1].remove_peers([peers[2]]) == []
+        assert route(h1.netns, "10.244.2.0/24") is None
+        assert unreachable(h1.pods[0].netns, h2.pods[0].ip)
+
+        with in_netns(h2.netns):
+            backends[2].teardown()
+        assert route(h2.netns, "10.244.1.0/24") is None
+        assert route(h2.netns, "198.18.0.0/24") is not None  # the kernel's own route stays
+
+
+def test_vxlan_direct_routing_on_same_l2_and_fallback_across_router():
+    with temporary_lab(prefix="td", hosts=3, second_subnet=[3]) as lab:
+        add_pods(lab, 1, 1450)
+        h1, h2, h3 = lab.hosts
+        backends, peers = vxlan_cluster(lab, direct_routing=True)
+
+        direct = route(h1.netns, "10.244.2.0/24")
+        assert (direct["gateway"], direct["dev"]) == ("198.18.0.12", "eth0")
+        assert "onlink" not in direct.get("flags", [])
+        encap = route(h1.netns, "10.244.3.0/24")  # host 3 is behind the router: VXLAN
+        assert (encap["gateway"], encap["dev"]) == ("10.244.3.0", "flannel.1")
+        assert [n["dst"] for n in ipj(h1.netns, "neigh", "show", "dev", "flannel.1")] == ["10.244.3.0"]
+        assert route(h3.netns, "10.244.1.0/24")["dev"] == "flannel.1"
+
+        p1, p2, p3 = (h.pods[0] for h in lab.hosts)
+        assert reaches(p1.netns, p2.ip) and reaches(p1.netns, p3.ip) and reaches(p3.netns, p2.ip)
+        assert tcp_transfer(p3.netns, p1.netns, p1.ip)
+
+        # A peer that goes from VXLAN to direct loses its neighbour and FDB entry.
+        with in_netns(h1.netns):
+            plain = KernelVxlanBackend(uplink="eth0", public_ip=h1.ip, subnet=subnet_of(h1))
+            assert plain.apply_peers([peers[2]]) == []
+            assert route(h1.netns, "10.244.2.0/24")["dev"] == "flannel.1"
+            assert backends[1].apply_peers([peers[2]]) == []
+        assert route(h1.netns, "10.244.2.0/24")["dev"] == "eth0"
+        assert [n["dst"] for n in ipj(h1.netns, "neigh", "show", "dev", "flannel.1")] == ["10.244.3.0"]
+
+        with in_netns(h1.netns):
+            backends[1].teardown()
+        assert route(h1.netns, "10.244.2.0/24") is None and route(h1.netns, "10.244.3.0/24") is None
