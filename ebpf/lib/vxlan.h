@@ -1,0 +1,132 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * VXLAN (RFC 7348) as flannel's vxlan backend puts it on the wire through the
+ * kernel vxlan device: encapsulation for tc, validation for decap in XDP/tc.
+ */
+#ifndef FL_VXLAN_H
+#define FL_VXLAN_H
+
+#include "pkt_parse.h"
+#include "csum.h"
+
+struct fl_vxlanhdr {
+	__be32 flags; /* 0x08 (I: VNI valid) then 24 reserved bits */
+	__be32 vni;   /* 24-bit VNI then 8 reserved bits */
+};
+
+#define FL_VXLAN_FLAG_VNI 0x08000000
+#define FL_OUTER_TTL 64 /* the kernel device's default: ip4_dst_hoplimit() */
+
+/* Everything bpf_skb_adjust_room(+50) makes room for, plus the outer Ethernet. */
+struct fl_vxlan_encap_hdr {
+	struct ethhdr outer_eth;
+	struct iphdr outer_ip;
+	struct udphdr udp;
+	struct fl_vxlanhdr vxlan;
+	struct ethhdr inner_eth;
+} __attribute__((packed));
+
+/* A validated VXLAN packet for us, as pointers into linear packet memory. */
+struct fl_vxlan_view {
+	struct ethhdr *outer_eth;
+	struct iphdr *outer_ip;
+	struct ethhdr *inner_eth;
+	struct iphdr *inner_ip;
+};
+
+#define FL_VXLAN_MIN_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr) + \
+			  sizeof(struct fl_vxlanhdr) + sizeof(struct ethhdr) + sizeof(struct iphdr))
+
+/*
+ * The kernel's udp_flow_src_port(): the flow hash, folded (it XORs the low
+ * half into the high half so the port does not leak the hash), scaled into
+ * [min, max). Same hash, same port as the kernel vxlan device would pick.
+ */
+static __always_inline __u16 fl_vxlan_src_port(__u32 hash, const struct fl_local_config *cfg)
+{
+	__u32 min = cfg->src_port_min, max = cfg->src_port_max;
+
+	if (min >= max) { /* the kernel's default ip_local_port_range */
+		min = 32768;
+		max = 60999;
+	}
+	hash ^= hash << 16;
+	return (__u16)((((__u64)hash * (max - min)) >> 32) + min);
+}
+
+/* INET_ECN_encapsulate(0, inner): copy ECT, but CE becomes ECT(0) outside (RFC 6040). */
+static __always_inline __u8 fl_outer_tos(__u8 inner_tos)
+{
+	__u8 ecn = inner_tos & 3;
+
+	return ecn == 3 ? 2 : ecn;
+}
+
+/*
+ * Validates a packet as VXLAN for this node, from a known peer. Returns
+ * FL_STAT_NONE with *view filled, or the PASS_ or DROP_ reason. Checks what
+ * the kernel would check before it decapsulates, because decap in XDP/tc
+ * skips ip_rcv and udp_rcv: the outer header checksum, lengths, flags. The
+ * outer UDP checksum is not verified (flannel peers send 0; the inner L4
+ * checksum still protects the payload end to end).
+ */
+static __always_inline __u32 fl_parse_vxlan(void *data, void *data_end, __u32 pkt_len,
+					    const struct fl_local_config *cfg,
+					    struct fl_vxlan_view *view)
+{
+	struct ethhdr *eth;
+	struct iphdr *iph;
+	struct udphdr *udp;
+	struct fl_vxlanhdr *vxh;
+	struct ethhdr *inner_eth;
+	struct iphdr *inner_ip;
+	__u32 udp_len;
+	__u32 stat = fl_parse_eth_ipv4(data, data_end, pkt_len, &eth, &iph);
+
+	if (stat != FL_STAT_NONE)
+		return stat;
+	if (iph->protocol != IPPROTO_UDP)
+		return FL_STAT_PASS_NOT_VXLAN;
+	/* Fragments are reassembled by the kernel first; its vxlan device decaps. */
+	if (iph->frag_off & bpf_htons(FL_IP_MF | FL_IP_OFFSET))
+		return FL_STAT_PASS_OUTER_FRAGMENT;
+	if (iph->ihl != 5)
+		return FL_STAT_PASS_OUTER_IP_OPTIONS;
+	udp = (void *)(iph + 1);
+	if ((void *)(udp + 1) > data_end)
+		return FL_STAT_PASS_MALFORMED;
+	/* Not to our port and address, or a frame the NIC saw promiscuously. */
+	if (udp->dest != bpf_htons(cfg->vxlan_port) || iph->daddr != cfg->underlay_ip ||
+	    !fl_mac_equal(eth->h_dest, cfg->uplink_mac))
+		return FL_STAT_PASS_NOT_VXLAN;
+	if (fl_ipv4_hdr_csum(iph) != 0)
+		return FL_STAT_PASS_OUTER_BAD_CSUM;
+	vxh = (void *)(udp + 1);
+	inner_eth = (void *)(vxh + 1);
+	inner_ip = (void *)(inner_eth + 1);
+	if ((void *)(inner_ip + 1) > data_end)
+		return FL_STAT_PASS_MALFORMED;
+	udp_len = bpf_ntohs(udp->len);
+	if (udp_len < FL_VXLAN_MIN_LEN - sizeof(struct ethhdr) - sizeof(struct iphdr) ||
+	    udp_len > (__u32)bpf_ntohs(iph->tot_len) - sizeof(struct iphdr))
+		return FL_STAT_PASS_MALFORMED;
+	/* The kernel drops unknown flags and reserved bits; let it. */
+	if (vxh->flags != bpf_htonl(FL_VXLAN_FLAG_VNI) || (vxh->vni & bpf_htonl(0xff)))
+		return FL_STAT_PASS_VXLAN_BAD_FLAGS;
+	if (vxh->vni != bpf_htonl(cfg->vni << 8))
+		return FL_STAT_PASS_WRONG_VNI;
+	/* Ours in every respect but the sender: anti-spoofing. */
+	if (!fl_peer_ips.lookup(&iph->saddr))
+		return FL_STAT_DROP_UNKNOWN_PEER;
+	if (inner_eth->h_proto != bpf_htons(ETH_P_IP))
+		return FL_STAT_PASS_INNER_NOT_IPV4;
+	if (inner_ip->version != 4 || inner_ip->ihl < 5)
+		return FL_STAT_PASS_MALFORMED;
+	view->outer_eth = eth;
+	view->outer_ip = iph;
+	view->inner_eth = inner_eth;
+	view->inner_ip = inner_ip;
+	return FL_STAT_NONE;
+}
+
+#endif /* FL_VXLAN_H */

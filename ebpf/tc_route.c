@@ -1,0 +1,198 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * flannel-bpf, sending side: packets for a remote flannel subnet leave by the
+ * uplink without the kernel's routing and vxlan device.
+ *
+ *   tc_encap_from_pods  tc ingress of the pod bridge (cni0). Pods send
+ *                       off-subnet traffic to the gateway MAC, so the bridge
+ *                       hands it up here before the routing stack: we are
+ *                       the router, so TTL - 1.
+ *   tc_encap_from_host  tc egress of flannel.<VNI>: host-originated traffic
+ *                       the kernel has already routed (TTL already done).
+ *
+ * Whatever is not handled goes on untouched (TC_ACT_OK) along the kernel path:
+ * the routes via flannel.<VNI>, kept as flanneld sets them up, are the safety
+ * net. Unlike that path, this one skips the iptables FORWARD chain.
+ */
+#include "lib/common.h"
+#include "lib/pkt_parse.h"
+#include "lib/csum.h"
+#include "lib/vxlan.h"
+
+#define ENCAP_FLAGS (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | \
+		     BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH | \
+		     BPF_F_ADJ_ROOM_ENCAP_L2(sizeof(struct ethhdr)))
+
+/* "Do not know": larger than any MTU, so the kernel gets the packet. */
+#define LEN_UNKNOWN 0xffffffffU
+
+/* Bytes of one IPv4 header's TTL word: what the router rewrites. */
+struct ttl_word {
+	__u8 ttl;
+	__u8 protocol;
+	__sum16 check;
+};
+
+/*
+ * IPv4 length of what will go on the wire: the packet, or for a GSO packet
+ * one segment (headers + gso_size), as skb_gso_validate_network_len() sees it.
+ */
+static __always_inline __u32 l3_len_on_wire(struct __sk_buff *skb, const struct iphdr *iph)
+{
+	__u32 ip_hdr_len = iph->ihl * 4;
+	__u32 l4_hdr_len;
+	__u8 doff_byte;
+
+	if (!skb->gso_size)
+		return skb->len - sizeof(struct ethhdr);
+	if (iph->protocol == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + ip_hdr_len + 12, &doff_byte, 1))
+			return LEN_UNKNOWN;
+		l4_hdr_len = (doff_byte >> 4) * 4;
+	} else if (iph->protocol == IPPROTO_UDP) {
+		l4_hdr_len = sizeof(struct udphdr); /* UDP GSO (UDP_SEGMENT) */
+	} else {
+		return LEN_UNKNOWN;
+	}
+	return ip_hdr_len + l4_hdr_len + skb->gso_size;
+}
+
+/*
+ * Out of the uplink towards next_hop, MACs from the neighbour table (ARP on a
+ * miss, like the kernel's own output path). The helper only fails on bad
+ * arguments; a neighbour failure later drops the packet like ip_output would.
+ */
+static __always_inline int redirect_to_uplink(const struct fl_local_config *cfg, __be32 next_hop)
+{
+	struct bpf_redir_neigh nh = {
+		.nh_family = AF_INET,
+		.ipv4_nh = next_hop,
+	};
+
+	return fl_redirect_neigh(cfg->uplink_ifindex, &nh, sizeof(nh), 0);
+}
+
+/*
+ * VXLAN exactly as the kernel vxlan device flanneld configures writes it:
+ * outer IPv4 underlay_ip -> peer, TTL 64, DF clear, ECN copied; UDP from the
+ * flow-hash port to cfg->vxlan_port; flags 0x08 and our VNI; inner Ethernet
+ * our VtepMAC -> the peer's VtepMAC. The outer UDP checksum is 0 (allowed for
+ * IPv4 by RFC 7348, and the only value correct for every GSO segment).
+ */
+static __always_inline int encap_vxlan(struct __sk_buff *skb, const struct fl_local_config *cfg,
+				       const struct fl_peer *peer, const struct iphdr *iph,
+				       __u32 len, int forwarding)
+{
+	struct fl_vxlan_encap_hdr hdr = {};
+	/* Hash before the resize: the flow of the inner packet, as the kernel hashes it. */
+	__u32 hash = bpf_get_hash_recalc(skb);
+	__u32 outer_l3_len = len - sizeof(struct ethhdr) + FL_VXLAN_OVERHEAD;
+	struct ttl_word ttl = {
+		.ttl = iph->ttl - 1,
+		.protocol = iph->protocol,
+		.check = fl_csum_after_ttl_decrement(iph->check),
+	};
+	__u8 inner_tos = iph->tos;
+
+	if (bpf_skb_adjust_room(skb, FL_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS))
+		return fl_tc_account(FL_STAT_PASS_ENCAP_FAILED, len);
+
+	/* Outer destination MAC stays zero: bpf_redirect_neigh() fills in both. */
+	__builtin_memcpy(hdr.outer_eth.h_source, cfg->uplink_mac, ETH_ALEN);
+	hdr.outer_eth.h_proto = bpf_htons(ETH_P_IP);
+
+	hdr.outer_ip.version = 4;
+	hdr.outer_ip.ihl = 5;
+	hdr.outer_ip.tos = fl_outer_tos(inner_tos);
+	hdr.outer_ip.tot_len = bpf_htons(outer_l3_len);
+	/* DF clear, so the ID matters if a router fragments: vary it like the kernel. */
+	hdr.outer_ip.id = (__be16)bpf_get_prandom_u32();
+	hdr.outer_ip.ttl = FL_OUTER_TTL;
+	hdr.outer_ip.protocol = IPPROTO_UDP;
+	hdr.outer_ip.saddr = cfg->underlay_ip;
+	hdr.outer_ip.daddr = peer->underlay_ip;
+	hdr.outer_ip.check = fl_ipv4_hdr_csum(&hdr.outer_ip);
+
+	hdr.udp.source = bpf_htons(fl_vxlan_src_port(hash, cfg));
+	hdr.udp.dest = bpf_htons(cfg->vxlan_port);
+	hdr.udp.len = bpf_htons(outer_l3_len - sizeof(struct iphdr));
+
+	hdr.vxlan.flags = bpf_htonl(FL_VXLAN_FLAG_VNI);
+	hdr.vxlan.vni = bpf_htonl(cfg->vni << 8);
+
+	__builtin_memcpy(hdr.inner_eth.h_dest, peer->vtep_mac, ETH_ALEN);
+	__builtin_memcpy(hdr.inner_eth.h_source, cfg->vtep_mac, ETH_ALEN);
+	hdr.inner_eth.h_proto = bpf_htons(ETH_P_IP);
+
+	if (bpf_skb_store_bytes(skb, 0, &hdr, sizeof(hdr), 0))
+		return fl_tc_account(FL_STAT_DROP_WRITE_FAILED, len);
+	if (forwarding &&
+	    bpf_skb_store_bytes(skb, sizeof(hdr) + offsetof(struct iphdr, ttl), &ttl, sizeof(ttl), 0))
+		return fl_tc_account(FL_STAT_DROP_WRITE_FAILED, len);
+	return fl_account(FL_STAT_ENCAP_VXLAN, len, redirect_to_uplink(cfg, peer->underlay_ip));
+}
+
+static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwarding)
+{
+	const __u32 len = skb->len;
+	struct fl_local_config *cfg = fl_local_config();
+	struct fl_lpm_v4_key key = { .prefixlen = 32 };
+	struct fl_peer *peer;
+	struct ethhdr *eth;
+	struct iphdr *iph;
+	void *data, *data_end;
+	__u32 stat, limit;
+
+	if (!cfg)
+		return fl_tc_account(FL_STAT_PASS_NO_CONFIG, len);
+	/* A hardware-accelerated VLAN tag: the frame belongs to a VLAN device. */
+	if (skb->vlan_present)
+		return fl_tc_account(FL_STAT_PASS_NOT_IPV4, len);
+	fl_skb_linearize(skb, sizeof(struct ethhdr) + sizeof(struct iphdr));
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	stat = fl_parse_eth_ipv4(data, data_end, len, &eth, &iph);
+	if (stat != FL_STAT_NONE)
+		return fl_tc_account(stat, len);
+	if (fl_mac_is_multicast(eth->h_dest))
+		return fl_tc_account(FL_STAT_PASS_NOT_UNICAST, len);
+
+	key.addr = iph->daddr;
+	peer = fl_peers.lookup(&key);
+	if (!peer || (peer->mode != FL_MODE_VXLAN && peer->mode != FL_MODE_DIRECT))
+		return fl_tc_account(FL_STAT_PASS_NO_ROUTE, len);
+	if (forwarding && iph->ttl <= 1)
+		return fl_tc_account(FL_STAT_PASS_TTL_EXCEEDED, len);
+
+	/*
+	 * Too big for the path: the kernel routes it via flannel.<VNI>, whose MTU
+	 * (uplink - 50) makes it send ICMP frag-needed for DF packets and
+	 * fragment the rest; the fragments then come back through
+	 * tc_encap_from_host. Outer tot_len must also fit 16 bits (BIG TCP).
+	 */
+	limit = cfg->mtu;
+	if (peer->mode == FL_MODE_VXLAN) {
+		limit -= FL_VXLAN_OVERHEAD;
+		if (len - sizeof(struct ethhdr) + FL_VXLAN_OVERHEAD > 0xffff)
+			return fl_tc_account(FL_STAT_PASS_OVERSIZE, len);
+	}
+	if (l3_len_on_wire(skb, iph) > limit)
+		return fl_tc_account(FL_STAT_PASS_OVERSIZE, len);
+
+	if (peer->mode == FL_MODE_DIRECT) {
+		if (forwarding)
+			fl_ipv4_decrease_ttl(iph);
+		return fl_account(FL_STAT_FWD_DIRECT, len, redirect_to_uplink(cfg, peer->underlay_ip));
+	}
+	return encap_vxlan(skb, cfg, peer, iph, len, forwarding);
+}
+
+int tc_encap_from_pods(struct __sk_buff *skb)
+{
+	return route_to_peer(skb, 1);
+}
+
+int tc_encap_from_host(struct __sk_buff *skb)
+{
+	return route_to_peer(skb, 0);
+}
