@@ -30,7 +30,7 @@ from pyroute2 import IPRoute
 
 from flannel_bpf.loader.attach import PIN_ROOT, unlink_pins
 from flannel_bpf.loader.netns import (create_netns, in_netns, list_netns, netns_exists,
-                                      pids_in_netns, remove_netns, write_sysctl)
+                                      pids_by_netns, remove_netns, write_sysctl)
 
 log = logging.getLogger(__name__)
 
@@ -470,24 +470,79 @@ class DestroyReport:
     state_file_removed: bool = False
 
 
-def _kill_all(pids_by_ns: dict[str, list[int]], grace: float = 3.0) -> list[int]:
-    """SIGTERM every process, SIGKILL what is still inside after `grace` seconds."""
+def _kill_all(namespaces: list[str], grace: float = 3.0) -> list[int]:
+    """SIGTERM every process inside the namespaces, SIGKILL whatever is still (or newly)
+    inside after `grace` seconds. Returns the PIDs it signalled."""
     me = os.getpid()
-    targets = {pid for pids in pids_by_ns.values() for pid in pids if pid != me}
+
+    def inside() -> set[int]:
+        return {pid for pids in pids_by_netns(namespaces).values() for pid in pids if pid != me}
+
+    signalled: set[int] = set()
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        for pid in inside():
+            try:
+                os.kill(pid, sig)
+                signalled.add(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while inside() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if left := inside():
+        log.warning("processes %s would not leave their lab namespaces", sorted(left))
+    return sorted(signalled)
+
+
+def destroy(self) -> "DestroyReport":
+        return destroy(self.name)
+
+
+def create_lab(name: str = DEFAULT_LAB, hosts: int = 2, second_subnet: Iterable[int] = ()) -> Lab:
+    return Lab.create(name, hosts, second_subnet)
+
+
+@contextlib.contextmanager
+def temporary_lab(prefix: str = "t", hosts: int = 2, second_subnet: Iterable[int] = ()) -> Iterator[Lab]:
+    """A lab with a unique name (`prefix` + random hex), destroyed on exit even on failure."""
+    name = f"{prefix}{secrets.token_hex(3)}"
+    try:
+        yield Lab.create(name, hosts, second_subnet)
+    finally:
+        destroy(name)
+
+
+# ---------------------------------------------------------------------------- teardown
+
+
+@dataclass
+class DestroyReport:
+    namespaces: list[str] = field(default_factory=list)
+    killed_pids: list[int] = field(default_factory=list)
+    pin_dirs: list[str] = field(default_factory=list)
+    state_file_removed: bool = False
+
+
+def _kill_all(namespaces: list[str], grace: float = 3.0) -> list[int]:
+    """SIGTERM every process inside the namespaces, SIGKILL what is still there after
+    `grace` seconds. Returns the PIDs it signalled."""
+    me = os.getpid()
 
     def still_inside() -> set[int]:
-        return {pid for ns in pids_by_ns for pid in pids_in_netns(ns)} & targets
+        return {pid for pids in pids_by_netns(namespaces).values() for pid in pids if pid != me}
+
+    targets = still_inside()
 
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        for pid in still_inside():
+        for pid in still_inside() & targets:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait
-        while still_inside() and time.monotonic() < deadline:
+        while still_inside() & targets and time.monotonic() < deadline:
             time.sleep(0.05)
-    left = still_inside()
+    left = still_inside() & targets
     if left:
         log.warning("processes %s would not leave their lab namespaces", sorted(left))
     return sorted(targets)
@@ -511,7 +566,7 @@ def destroy(name: str = DEFAULT_LAB) -> DestroyReport:
     # Pods, then hosts, then router and underlay: each veth goes with its inner end.
     namespaces.sort(key=lambda ns: ("-p" not in ns.removeprefix(f"fbpf-{name}-"), ns))
 
-    report.killed_pids = _kill_all({ns: pids_in_netns(ns) for ns in namespaces})
+    report.killed_pids = _kill_all(namespaces)
     for ns in namespaces:
         if remove_netns(ns):
             report.namespaces.append(ns)

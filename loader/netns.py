@@ -122,19 +122,27 @@ def read_sysctl(key: str, netns: str | None = None) -> str:
         return (Path("/proc/sys") / rel).read_text().strip()
 
 
-def pids_in_netns(name: str) -> list[int]:
-    """PIDs whose (main thread's) network namespace is the named one."""
-    try:
-        target = _ns_id(netns_path(name))
-    except FileNotFoundError:
-        return []
-    pids = []
+def pids_by_netns(names: list[str]) -> dict[str, list[int]]:
+    """For each named namespace, the PIDs whose (main thread's) network namespace it is:
+    one pass over /proc for all of them."""
+    by_id = {}
+    for name in names:
+        try:
+            by_id[_ns_id(netns_path(name))] = name
+        except FileNotFoundError:
+            pass
+    result: dict[str, list[int]] = {name: [] for name in names}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            if _ns_id(f"/proc/{entry.name}/ns/net") == target:
-                pids.append(int(entry.name))
+            name = by_id.get(_ns_id(f"/proc/{entry.name}/ns/net"))
         except OSError:  # gone, or a zombie that no longer has namespaces
             continue
-    return pids
+        if name is not None:
+            result[name].append(int(entry.name))
+    return result
+
+
+def pids_in_netns(name: str) -> list[int]:
+    return pids_by_netns([name])[name]

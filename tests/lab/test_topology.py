@@ -1,6 +1,7 @@
 """The netns lab: layout, state file, two underlay subnets, crash-proof destroy."""
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -8,7 +9,7 @@ from flannel_bpf.lab.run import ping, popen_in_netns, run_in_netns
 from flannel_bpf.lab.topology import (Lab, LabError, destroy, list_labs, read_state,
                                       state_path, temporary_lab)
 from flannel_bpf.loader.attach import PIN_ROOT, pin_program
-from flannel_bpf.loader.netns import in_netns, list_netns, pids_in_netns, read_sysctl
+from flannel_bpf.loader.netns import in_netns, list_netns, pids_by_netns, pids_in_netns, read_sysctl
 from flannel_bpf.loader.routes import is_on_link
 
 pytestmark = pytest.mark.usefixtures("require_root")
@@ -113,6 +114,17 @@ def test_ping_reports_loss_and_errors():
         assert good.loss == 0.0 and good.rtt_avg_ms is not None
 
 
+def wait_until_inside(procs, namespaces, timeout=5.0):
+    """A just-started nsenter joins its namespace a moment later; a crash comes much later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        inside = {pid for pids in pids_by_netns(namespaces).values() for pid in pids}
+        if {p.pid for p in procs} <= inside:
+            return
+        time.sleep(0.02)
+    raise AssertionError("test processes did not enter their namespaces")
+
+
 def test_destroy_after_crash_kills_processes_and_removes_pins():
     from bcc import BPF
     prog = BPF(text=b"int pass(struct __sk_buff *s) { return 0; }").load_func(b"pass", BPF.SCHED_CLS)
@@ -123,6 +135,7 @@ def test_destroy_after_crash_kills_processes_and_removes_pins():
                     (lab.host(1).netns, lab.host(2).pods[0].netns, lab.state.underlay_netns)]
         # A process that ignores SIGTERM must still go (SIGKILL after the grace period).
         stubborn = popen_in_netns(lab.host(2).netns, ["sh", "-c", "trap '' TERM; sleep 60"])
+        wait_until_inside(sleepers + [stubborn], lab.state.namespaces())
         pin_dir = PIN_ROOT / lab.host(1).netns / "eth0"
         pin_program(prog.fd, pin_dir / "tc_pass")
         # The crash: the creator vanishes and so does the state file.
