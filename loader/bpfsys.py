@@ -98,7 +98,6 @@ def libbpf() -> ctypes.CDLL:
     c_int, c_uint, c_vp = ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p
     sigs = {
         "bpf_obj_get": ([ctypes.c_char_p], c_int),
-        "bpf_obj_pin": ([c_int, ctypes.c_char_p], c_int),
         "bpf_map_lookup_elem": ([c_int, c_vp, c_vp], c_int),
         "bpf_map_update_elem": ([c_int, c_vp, c_vp, ctypes.c_uint64], c_int),
         "bpf_map_delete_elem": ([c_int, c_vp], c_int),

@@ -3,21 +3,20 @@
 Both C files declare the same maps (ebpf/lib/flannel_maps.h), pinned under a
 directory chosen at load time: the first module creates and pins them, the
 second opens the pins, and a later load (an agent restart) reuses them with
-their contents. Program fds are handed out by name for attaching.
+their contents. Program fds are handed out by name for attaching (loader.attach pins and
+attaches them; its default_pin_dir() names the directory).
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from flannel_bpf.loader import bpfsys, layout
 
-PIN_ROOT = "/sys/fs/bpf/flannel-bpf"
 BPFFS_MAGIC = 0xCAFE4A11
 
 
@@ -44,13 +43,6 @@ class LoadError(RuntimeError):
 
 def ebpf_dir() -> Path:
     return Path(str(resources.files("flannel_bpf.ebpf")))
-
-
-def default_pin_dir(name: str) -> str:
-    """``/sys/fs/bpf/flannel-bpf/<name>`` (the agent uses the uplink's name)."""
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or name in (".", ".."):
-        raise ValueError(f"pin directory name {name!r}: use letters, digits, '.', '_' or '-'")
-    return f"{PIN_ROOT}/{name}"
 
 
 def expand_source(path: Path, _seen: set | None = None) -> str:
@@ -118,10 +110,6 @@ class LoadedPrograms:
         from flannel_bpf.loader.maps import DataPlaneMaps
         return DataPlaneMaps(self.pin_dir)
 
-    def pin_program(self, name: str, path: str) -> None:
-        """Pins a program so it outlives this process (bpffs path)."""
-        bpfsys.check(bpfsys.libbpf().bpf_obj_pin(self.prog_fds[name], os.fsencode(path)), f"pin {name} at {path}")
-
     def close(self) -> None:
         for module in self._modules:
             module.cleanup()
@@ -135,13 +123,13 @@ class LoadedPrograms:
         self.close()
 
 
-def load_programs(pin_dir: str, *, max_peers: int | None = None, max_endpoints: int | None = None,
+def load_programs(pin_dir, *, max_peers: int | None = None, max_endpoints: int | None = None,
                   extra_cflags: tuple[str, ...] = ()) -> LoadedPrograms:
     """Compiles ebpf/tc_route.c and ebpf/vxlan_xdp.c (about 1 s each), loads
     their four programs and creates or reuses the maps pinned in `pin_dir`."""
     from bcc import BPF  # imported late: loading clang costs time and memory
 
-    pin_dir = check_pin_dir(pin_dir)
+    pin_dir = check_pin_dir(str(pin_dir))
     check_pinned_maps(pin_dir)
     cflags = [f'-DFL_PIN_DIR="{pin_dir}"', *extra_cflags]
     for macro, value in (("FL_MAX_PEERS", max_peers), ("FL_MAX_ENDPOINTS", max_endpoints)):
@@ -155,7 +143,7 @@ def load_programs(pin_dir: str, *, max_peers: int | None = None, max_endpoints: 
         for source in dict.fromkeys(spec.source for spec in PROGRAMS.values()):
             path = ebpf_dir() / source
             try:
-                module = BPF(text=expand_source(path), cflags=cflags)
+                module = BPF(text=expand_source(path).encode(), cflags=cflags)
             except Exception as e:
                 raise LoadError(f"compiling {path}: {e}") from e
             loaded._modules.append(module)
@@ -163,22 +151,10 @@ def load_programs(pin_dir: str, *, max_peers: int | None = None, max_endpoints: 
                 if spec.source != source:
                     continue
                 try:
-                    loaded.prog_fds[name] = module.load_func(name, prog_types[spec.prog_type]).fd
+                    loaded.prog_fds[name] = module.load_func(name.encode(), prog_types[spec.prog_type]).fd
                 except Exception as e:
                     raise LoadError(f"loading {name} from {path}: {e}") from e
     except BaseException:
         loaded.close()
         raise
     return loaded
-
-
-def remove_pins(pin_dir: str) -> None:
-    """Removes the pinned maps and programs in `pin_dir` and the directory
-    itself (only files there; idempotent)."""
-    if not os.path.isdir(pin_dir):
-        return
-    for entry in os.listdir(pin_dir):
-        path = os.path.join(pin_dir, entry)
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            os.unlink(path)
-    os.rmdir(pin_dir)
