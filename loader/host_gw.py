@@ -12,7 +12,8 @@ from pyroute2 import IPRoute
 from flannel_bpf.loader.peer import Peer
 from flannel_bpf.loader.routes import (BackendError, PeerFailure, PeerRejected,
                                        delete_our_routes, delete_route, for_each_peer,
-                                       is_on_link, link_index, replace_route, require_link)
+                                       is_on_link, link_index, reject_own_address,
+                                       replace_route, require_link, route_kind)
 
 __all__ = ["HostGwBackend", "Peer", "PeerFailure", "BackendError", "is_on_link"]
 
@@ -31,7 +32,9 @@ class HostGwBackend:
             uplink = require_link(ipr, self.uplink, "uplink")
 
             def apply(peer: Peer) -> None:
-                if not is_on_link(peer.public_ip, ipr):
+                kind = route_kind(peer.public_ip, ipr)
+                reject_own_address(peer, kind)
+                if kind != "onlink":
                     raise PeerRejected(f"{peer.public_ip} is not on {self.uplink}'s L2 segment "
                                        "(host-gw needs every peer to be)")
                 replace_route(ipr, peer.subnet, peer.public_ip, uplink)

@@ -26,7 +26,8 @@ from pyroute2.netlink.rtnl import ndmsg
 from flannel_bpf.loader.peer import MAX_VNI, Peer, normalize_mac
 from flannel_bpf.loader.routes import (BackendError, PeerFailure, PeerRejected,
                                        delete_our_routes, delete_route, for_each_peer,
-                                       is_on_link, link_index, replace_route, require_link)
+                                       is_on_link, link_index, reject_own_address,
+                                       replace_route, require_link, route_kind)
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,9 @@ class KernelVxlanBackend:
     def _apply(self, ipr: IPRoute, vx: int, uplink: int, peer: Peer) -> None:
         if peer.vni != self.vni:
             raise PeerRejected(f"peer VNI {peer.vni} differs from ours ({self.vni})")
-        if self.direct_routing and is_on_link(peer.public_ip, ipr):
+        kind = route_kind(peer.public_ip, ipr)
+        reject_own_address(peer, kind)
+        if self.direct_routing and kind == "onlink":
             self._forget_vtep(ipr, vx, peer.vtep_ip)
             replace_route(ipr, peer.subnet, peer.public_ip, uplink)
             return

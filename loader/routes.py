@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 ROUTE_PROTO = 251
 MAIN_TABLE = 254
 _RTN_UNICAST = 1
+_RTN_LOCAL = 2
 _RTNH_F_ONLINK = 4
 _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 
@@ -50,21 +51,38 @@ def require_link(ipr: IPRoute, ifname: str, role: str) -> int:
     return idx
 
 
-def is_on_link(ip: IPv4Address | str, ipr: IPRoute | None = None) -> bool:
-    """Whether `ip` is reached without a gateway, i.e. on one of our L2 segments: flannel's
-    test for DirectRouting (a single route to it, with no gateway)."""
+def route_kind(ip: IPv4Address | str, ipr: IPRoute | None = None) -> str:
+    """How the kernel reaches `ip`: "local" (one of our addresses), "onlink" (directly, on an
+    attached L2 segment), "gateway" (through a router) or "unreachable"."""
     ip = IPv4Address(ip)
     if ipr is None:
         with IPRoute() as own:
-            return is_on_link(ip, own)
+            return route_kind(ip, own)
     try:
         routes = ipr.route("get", dst=str(ip))
     except NetlinkError as e:
         if e.code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-            return False
+            return "unreachable"
         raise
-    return (len(routes) == 1 and routes[0]["type"] == _RTN_UNICAST
-            and routes[0].get_attr("RTA_GATEWAY") is None)
+    if len(routes) != 1:
+        return "gateway"
+    if routes[0]["type"] == _RTN_LOCAL:
+        return "local"
+    if routes[0]["type"] != _RTN_UNICAST:
+        return "unreachable"
+    return "onlink" if routes[0].get_attr("RTA_GATEWAY") is None else "gateway"
+
+
+def is_on_link(ip: IPv4Address | str, ipr: IPRoute | None = None) -> bool:
+    """Whether `ip` is reached without a gateway, i.e. on one of our L2 segments: flannel's
+    test for DirectRouting (a single route to it, with no gateway)."""
+    return route_kind(ip, ipr) == "onlink"
+
+
+def reject_own_address(peer: Peer, kind: str) -> None:
+    if kind == "local":
+        raise PeerRejected(f"peer public IP {peer.public_ip} is one of this node's own addresses "
+                           "(do several nodes report the same public IP?)")
 
 
 def replace_route(ipr: IPRoute, dst: IPv4Network, gateway: IPv4Address, oif: int,

@@ -138,11 +138,14 @@ def test_vxlan_device_reuse_replacement_and_peer_errors():
                 Peer("10.244.3.0/24", "198.18.0.13", random_vtep_mac(), vni=2),
                 Peer("10.244.4.0/24", "198.18.0.14", None),
                 good,
+                Peer("10.244.5.0/24", h1.ip, random_vtep_mac()),
             ])
-            assert [(f.peer.subnet, f.reason) for f in failures] == [
-                (IPv4Network("10.244.3.0/24"), "peer VNI 2 differs from ours (1)"),
-                (IPv4Network("10.244.4.0/24"), "peer has no VtepMAC"),
+            assert [(str(f.peer.subnet), f.reason.split(" (")[0]) for f in failures] == [
+                ("10.244.3.0/24", "peer VNI 2 differs from ours"),
+                ("10.244.4.0/24", "peer has no VtepMAC"),
+                ("10.244.5.0/24", "peer public IP 198.18.0.11 is one of this node's own addresses"),
             ]
+            assert route(h1.netns, "10.244.2.0/24")["dev"] == "flannel.1"  # the good one went in
             # A peer whose VtepMAC changed leaves no stale FDB entry behind.
             moved = Peer(good.subnet, good.public_ip, random_vtep_mac())
             assert backend.apply_peers([moved]) == []
@@ -181,8 +184,10 @@ def test_host_gw_as_flanneld_programs_it():
 
         with in_netns(h1.netns):
             off_link = Peer("10.244.9.0/24", "198.18.1.50")
-            (failure,) = backends[1].apply_peers([off_link])
-            assert "not on eth0's L2 segment" in failure.reason
+            myself = Peer("10.244.8.0/24", h1.ip)
+            off, own = backends[1].apply_peers([off_link, myself])
+            assert "not on eth0's L2 segment" in off.reason
+            assert "own addresses" in own.reason
             assert backends[1].remove_peers([peers[2]]) == []
         assert route(h1.netns, "10.244.2.0/24") is None
         assert unreachable(h1.pods[0].netns, h2.pods[0].ip)
