@@ -18,9 +18,15 @@ class UsageError(Exception):
 
 
 def setup_logging(verbose: bool) -> None:
-    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False,
-                          log_time_format="%H:%M:%S")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+    """rich on a terminal; one plain line per event otherwise (journald, log files)."""
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False,
+                              log_time_format="%H:%M:%S")
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
                         handlers=[handler], force=True)
     # etcd3/grpc and pyroute2 are chatty at INFO; their problems reach us as exceptions anyway.
     for noisy in ("pyroute2", "grpc", "urllib3"):

@@ -1,2 +1,4 @@
 """One module per `flannel-bpf` command; each exposes add_parser(subparsers)."""
-ALL: list = []
+from flannel_bpf.commands import attach
+
+ALL: list = [attach]

@@ -1,0 +1,217 @@
+"""The node agent (`flannel-bpf attach`): flanneld's job with a BPF data plane.
+
+Order of work, as flanneld: network config -> uplink -> backend prepared (VtepMAC known) ->
+subnet lease (subnet.env written) -> data plane started on the lease -> peers synced -> ready.
+Peer events then reach the backend one at a time from the subnet manager's event thread; a
+reconcile tick picks up what etcd never reports (the pod bridge appearing, local pods).
+On SIGTERM/SIGINT the data plane stays as it is, pinned and forwarding, unless cleanup was
+asked for: a restarted agent adopts it and reconciles it with etcd.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from dataclasses import dataclass, replace
+
+from flannel_bpf.controller.config import NetworkConfig, load_network_config_file
+from flannel_bpf.controller.lease import Lease, LeaseAttrs
+from flannel_bpf.controller.peers import PeerEvent
+from flannel_bpf.controller.registry import SubnetRegistry
+from flannel_bpf.controller.subnet_manager import SUBNET_TTL, SubnetManager
+from flannel_bpf.controller.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+BACKEND_CHOICES = ("bpf", "vxlan", "host-gw")
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    backend: str | None = None          # overrides Backend.Type of the network config
+    decap: str | None = None            # overrides Backend.Decap ("auto" | "xdp" | "tc")
+    bridge: str = "cni0"
+    pin_dir: str | None = None
+    cleanup_on_exit: bool = False
+    reconcile_interval: float = 1.0
+    lease_ttl: int = SUBNET_TTL
+    renew_margin: float = 3600.0
+    ip_masq: bool = False
+    subnet_file: str = "/run/flannel/subnet.env"
+    net_config_path: str | None = None
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0
+
+
+class Agent:
+    def __init__(self, registry: SubnetRegistry, uplink: Uplink, options: AgentOptions):
+        self.registry = registry
+        self.uplink = uplink
+        self.options = options
+        self.config: NetworkConfig | None = None
+        self.backend = None
+        self.manager: SubnetManager | None = None
+        self.masq = None
+        self.health = None
+        self._started = threading.Event()   # backend programmed with our lease: events may apply
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._backend_lock = threading.Lock()  # one writer of kernel state at a time
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stop() (signal handlers call it). Raises on errors that make a node
+        useless (bad config, out of subnets, unusable uplink)."""
+        self._start_health()
+        try:
+            self.start()
+            while not self._stop.wait(self.options.reconcile_interval):
+                self.reconcile()
+        finally:
+            self.shutdown()
+
+    def start(self) -> Lease:
+        from flannel_bpf.loader.backends import BACKENDS
+
+        self.config = self._load_config()
+        backend_type = self.config.backend.type
+        log.info("network %s, subnets /%d, backend %s on %s (%s)", self.config.network,
+                 self.config.subnet_len, backend_type, self.uplink.name, self.uplink.address)
+        backend_class = BACKENDS[backend_type]
+        kwargs = {}
+        if backend_type == "bpf":
+            kwargs = dict(bridge=self.options.bridge, pin_dir=self.options.pin_dir)
+        self.backend = backend_class(self.config.backend, self.uplink, **kwargs)
+        attrs = LeaseAttrs(public_ip=self.uplink.public_ip, backend_type=self.backend.lease_type,
+                           backend_data=self.backend.backend_data())
+        self.manager = SubnetManager(
+            self.registry, self.config, attrs, mtu=self.config.backend.pod_mtu(self.uplink.mtu),
+            ip_masq=self.options.ip_masq, subnet_file=self.options.subnet_file, sink=self,
+            on_lease_reacquired=self._lease_reacquired, ttl=self.options.lease_ttl,
+            renew_margin=self.options.renew_margin)
+        lease = self.manager.start()
+        log.info("lease %s acquired; subnet.env written to %s", lease.subnet, self.options.subnet_file)
+        with self._backend_lock:
+            self.backend.start(lease)
+            self._started.set()
+        if self.options.ip_masq:
+            from flannel_bpf.controller.ipmasq import IpMasq
+            self.masq = IpMasq(self.config.network, lease.subnet)
+            self.masq.apply()
+        self._sync_when_listed()
+        return lease
+
+    def _load_config(self) -> NetworkConfig:
+        if self.options.net_config_path:
+            config = load_network_config_file(self.options.net_config_path)
+        else:
+            config = self.registry.wait_for_network_config(stop=self._stop)
+        overrides = {}
+        if self.options.backend:
+            overrides["type"] = self.options.backend
+        if self.options.decap:
+            overrides["decap"] = self.options.decap
+        if overrides:
+            config = replace(config, backend=replace(config.backend, **overrides))
+        return config
+
+    def _sync_when_listed(self) -> None:
+        """After the first full listing, make the kernel hold exactly those peers: this removes
+        what an earlier agent programmed for peers that left while none ran."""
+        while not self.manager.wait_synced(timeout=1.0):
+            if self._stop.is_set():
+                return
+        with self._backend_lock:
+            self.backend.sync(self.manager.peers())
+        self._ready.set()
+        log.info("ready: %d peers programmed", len(self.backend.programmed))
+
+    def reconcile(self) -> None:
+        try:
+            with self._backend_lock:
+                self.backend.reconcile()
+        except Exception as err:  # a tick must never end the agent; the next tick retries
+            log.warning("reconcile: %s", err)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        self._ready.clear()
+        if self.manager is not None:
+            self.manager.stop(release=self.options.cleanup_on_exit)
+        if self.backend is not None and self._started.is_set():
+            with self._backend_lock:
+                self.backend.stop(cleanup=self.options.cleanup_on_exit)
+        if self.masq is not None and self.options.cleanup_on_exit:
+            self.masq.remove()
+        if self.health is not None:
+            self.health.stop()
+        log.info("stopped; data plane %s", "removed" if self.options.cleanup_on_exit
+                 else "left forwarding (pinned)")
+
+    # -- subnet manager hooks (its event thread) ---------------------------------------------
+
+    def on_peer_event(self, event: PeerEvent) -> None:
+        while not self._started.wait(1.0):
+            if self._stop.is_set():
+                return
+        try:
+            with self._backend_lock:
+                self.backend.apply(event)
+        except Exception as err:  # one bad peer must not stop the others
+            log.error("peer %s: %s", event.lease.subnet, err)
+
+    def _lease_reacquired(self, old: Lease, new: Lease) -> None:
+        if old.subnet == new.subnet:
+            log.info("lease %s taken again", new.subnet)
+            return
+        log.warning("our subnet changed from %s to %s: reprogramming this node", old.subnet, new.subnet)
+        with self._backend_lock:
+            self.backend.start(new)
+        if self.masq is not None:
+            self.masq.remove()
+            from flannel_bpf.controller.ipmasq import IpMasq
+            self.masq = IpMasq(self.config.network, new.subnet)
+            self.masq.apply()
+
+    # -- health and metrics ------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    def _start_health(self) -> None:
+        if not self.options.healthz_port:
+            return
+        from flannel_bpf.controller.health import HealthServer
+        self.health = HealthServer(self.options.healthz_ip, self.options.healthz_port, self.is_ready,
+                                   self.metrics_snapshot)
+        self.health.start()
+
+    def metrics_snapshot(self) -> dict:
+        maps = getattr(self.backend, "maps", None)
+        counters, entries = {}, {}
+        if maps is not None and self._started.is_set():
+            counters = maps.read_counters()
+            entries = {"peers": len(maps.list_peers()), "endpoints": len(maps.list_endpoints())}
+        lease = self.manager.lease if self.manager else None
+        return {
+            "ready": self.is_ready(),
+            "peers": len(self.manager.peers()) if self.manager else 0,
+            "map_entries": entries,
+            "counters": counters,
+            "lease_expiry": lease.expires_at if lease else None,
+            "etcd_reconnects": getattr(self.manager, "reconnect_count", 0),
+            "lease_reacquired": getattr(self.manager, "reacquired_count", 0),
+        }
+
+
+def options_from_args(args: argparse.Namespace) -> AgentOptions:
+    from flannel_bpf.controller.flags import renew_margin_seconds
+    return AgentOptions(
+        backend=args.backend, decap=args.decap, bridge=args.bridge, pin_dir=args.pin_dir,
+        cleanup_on_exit=args.cleanup_on_exit, reconcile_interval=args.reconcile_interval,
+        lease_ttl=args.subnet_lease_ttl, renew_margin=renew_margin_seconds(args),
+        ip_masq=bool(args.ip_masq), subnet_file=args.subnet_file, net_config_path=args.net_config_path,
+        healthz_ip=args.healthz_ip, healthz_port=int(args.healthz_port))

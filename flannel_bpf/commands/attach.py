@@ -1,0 +1,64 @@
+"""`flannel-bpf attach`: the node agent in the foreground, as flanneld runs."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+from flannel_bpf.cli import UsageError
+from flannel_bpf.controller.agent import BACKEND_CHOICES, Agent, options_from_args
+from flannel_bpf.controller.config import ConfigError
+from flannel_bpf.controller.flags import FlagError, add_flanneld_flags, etcd_options_from_args
+from flannel_bpf.controller.registry import EtcdError, SubnetRegistry
+from flannel_bpf.controller.subnet_manager import SUBNET_TTL, OutOfSubnets, SubnetAcquireError
+from flannel_bpf.controller.uplink import UplinkError, select_uplink
+
+log = logging.getLogger("flannel-bpf")
+
+
+def add_agent_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of flannel-bpf's own that go with flanneld's."""
+    parser.add_argument("--backend", choices=BACKEND_CHOICES,
+                        help="data plane to run, overriding Backend.Type of the network config "
+                             "(e.g. bpf in a cluster whose config says vxlan)")
+    parser.add_argument("--decap", choices=("auto", "xdp", "tc"),
+                        help="where VXLAN is decapsulated (default: Backend.Decap, else auto: tc on "
+                             "veth uplinks, XDP elsewhere)")
+    parser.add_argument("--bridge", default="cni0", help="the pod bridge whose traffic to forward (default cni0)")
+    parser.add_argument("--pin-dir", help="bpffs directory of the pinned maps and programs "
+                                          "(default /sys/fs/bpf/flannel-bpf/[NETNS/]IFACE)")
+    parser.add_argument("--cleanup-on-exit", action="store_true",
+                        help="on exit remove the data plane and release the lease (default: leave it forwarding)")
+    parser.add_argument("--reconcile-interval", type=float, default=1.0, metavar="SECONDS",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--subnet-lease-ttl", type=int, default=SUBNET_TTL, metavar="SECONDS",
+                        help=argparse.SUPPRESS)  # tests only: flanneld's TTL is fixed at 24 h
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("attach", help="run the node agent on an uplink (flanneld's job)",
+                            description=__doc__)
+    add_flanneld_flags(parser)
+    add_agent_flags(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        etcd = etcd_options_from_args(args)
+        uplink = select_uplink(args.iface, args.iface_regex, args.public_ip)
+        options = options_from_args(args)
+    except (FlagError, UplinkError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    registry = SubnetRegistry(etcd)
+    agent = Agent(registry, uplink, options)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    try:
+        agent.run()
+    except (ConfigError, OutOfSubnets, SubnetAcquireError, EtcdError, UplinkError) as err:
+        log.error("%s", err)
+        return 1
+    finally:
+        registry.close()
+    return 0

@@ -1,0 +1,353 @@
+"""The data-plane backends the node agent drives: `bpf`, and the stock-equivalent `vxlan` and
+`host-gw`. Each turns this node's lease and the peer leases into kernel state.
+
+The agent calls, in order: `backend_data()` (what to publish, before the lease exists),
+`start(lease)` (program this node; adopts what a previous agent left), then `apply(event)` per
+peer event and `sync(peers)` to make the kernel match a full peer listing exactly;
+`reconcile()` every few seconds (attach points that appeared, local pods); `stop(cleanup)`.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from flannel_bpf.controller.config import BackendConfig
+from flannel_bpf.controller.lease import Lease, vxlan_backend_data
+from flannel_bpf.controller.peers import PeerEvent
+from flannel_bpf.controller.uplink import Uplink
+from flannel_bpf.loader import attach, host_gw
+from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
+from flannel_bpf.loader.layout import PeerMode
+from flannel_bpf.loader.peer import Peer
+from flannel_bpf.loader.routes import PeerFailure, is_on_link, link_index, our_routes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BRIDGE = "cni0"
+# Neighbour states that name a pod we can deliver to (not INCOMPLETE/FAILED/NOARP).
+_NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT
+_NUD_PERMANENT = 0x80
+
+
+def peer_of(lease: Lease) -> Peer:
+    """The loader's view of a peer lease (raises ValueError on a lease it cannot use)."""
+    return Peer(subnet=lease.subnet, public_ip=lease.public_ip, vtep_mac=lease.vtep_mac,
+                vni=lease.vni if lease.vni is not None else 1)
+
+
+def _log_failures(failures: list[PeerFailure]) -> bool:
+    for failure in failures:
+        log.warning("peer %s at %s not programmed: %s", failure.peer.subnet, failure.peer.public_ip,
+                    failure.reason)
+    return not failures
+
+
+class KernelBackend:
+    """What the backends share: peers of one accepted lease type, diffed against what is
+    programmed and applied through a loader kernel backend (`self.kernel`)."""
+
+    name = ""
+    lease_type = ""
+
+    def __init__(self, config: BackendConfig, uplink: Uplink):
+        self.config = config
+        self.uplink = uplink
+        self.kernel = None
+        self.programmed: dict[IPv4Network, Peer] = {}
+        self._skipped: set[tuple] = set()
+        self._lock = threading.Lock()
+
+    def backend_data(self) -> dict | None:
+        return None
+
+    def start(self, lease: Lease) -> None:
+        raise NotImplementedError
+
+    def _desired(self, lease: Lease) -> Peer | None:
+        reason = None
+        if lease.backend_type != self.lease_type:
+            reason = f"backend type {lease.backend_type!r} is not {self.lease_type!r}"
+        else:
+            try:
+                return peer_of(lease)
+            except ValueError as err:
+                reason = str(err)
+        if (lease.subnet, reason) not in self._skipped:  # once per peer, not per renewal
+            self._skipped.add((lease.subnet, reason))
+            log.warning("ignoring peer %s: %s", lease.describe(), reason)
+        return None
+
+    def apply(self, event: PeerEvent) -> None:
+        with self._lock:
+            self._apply_locked(event.lease.subnet, None if event.kind == "removed" else event.lease)
+
+    def sync(self, peers: dict[IPv4Network, Lease]) -> None:
+        """Make the kernel hold exactly `peers`: also removes what an earlier agent left for
+        peers that went away while no agent ran."""
+        with self._lock:
+            for subnet in [s for s in self.programmed if s not in peers]:
+                self._apply_locked(subnet, None)
+            for subnet, lease in peers.items():
+                self._apply_locked(subnet, lease)
+            self._prune_leftovers()
+
+    def _apply_locked(self, subnet: IPv4Network, lease: Lease | None) -> None:
+        old = self.programmed.get(subnet)
+        new = self._desired(lease) if lease is not None else None
+        if old == new:
+            return
+        if old is not None:
+            _log_failures(self._remove(old))
+            del self.programmed[subnet]
+        if new is not None and _log_failures(self._add(new)):
+            self.programmed[subnet] = new
+
+    def _add(self, peer: Peer) -> list[PeerFailure]:
+        return self.kernel.apply_peers([peer])
+
+    def _remove(self, peer: Peer) -> list[PeerFailure]:
+        return self.kernel.remove_peers([peer])
+
+    def _route_oifs(self, ipr: IPRoute) -> list[int]:
+        return [self.uplink.ifindex]
+
+    def _prune_leftovers(self) -> None:
+        """Routes of ours (by protocol) for subnets no peer holds any more."""
+        with IPRoute() as ipr:
+            for oif in self._route_oifs(ipr):
+                for subnet in our_routes(ipr, oif=oif):
+                    if subnet not in self.programmed:
+                        _log_failures(self._remove(Peer(subnet=subnet, public_ip=self.uplink.ip)))
+
+    def reconcile(self) -> None:
+        pass
+
+    def stop(self, cleanup: bool) -> None:
+        if cleanup and self.kernel is not None:
+            self.kernel.teardown()
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "peers_programmed": len(self.programmed)}
+
+
+class VxlanBackend(KernelBackend):
+    """flanneld's vxlan backend, exactly: flannel.<VNI>, and per peer neigh + FDB + route."""
+
+    name = "vxlan"
+    lease_type = "vxlan"
+
+    def __init__(self, config: BackendConfig, uplink: Uplink):
+        super().__init__(config, uplink)
+        # As flanneld does: keep the VtepMAC of an existing device, so peers' FDBs stay valid.
+        self.vtep_mac = existing_vtep_mac(config.vni) or random_vtep_mac()
+        self.device = None
+
+    def backend_data(self) -> dict:
+        return vxlan_backend_data(self.config.vni, self.vtep_mac)
+
+    def start(self, lease: Lease) -> None:
+        self.kernel = KernelVxlanBackend(
+            uplink=self.uplink.name, public_ip=self.uplink.ip, subnet=lease.subnet,
+            vni=self.config.vni, port=self.config.port, vtep_mac=self.vtep_mac,
+            mtu=self.config.mtu or None, direct_routing=self.config.direct_routing,
+            learning=self.config.learning)
+        self.device = self.kernel.setup()
+
+    def _route_oifs(self, ipr: IPRoute) -> list[int]:
+        return [self.uplink.ifindex] + ([self.device.ifindex] if self.device else [])
+
+
+class HostGwBackend(KernelBackend):
+    """flanneld's host-gw backend: a route per peer via its public IP."""
+
+    name = "host-gw"
+    lease_type = "host-gw"
+
+    def start(self, lease: Lease) -> None:
+        self.kernel = host_gw.HostGwBackend(uplink=self.uplink.name)
+        self.kernel.setup()
+
+
+def existing_vtep_mac(vni: int) -> str | None:
+    with IPRoute() as ipr:
+        idx = link_index(ipr, vxlan_device_name(vni))
+        return ipr.link("get", index=idx)[0].get_attr("IFLA_ADDRESS") if idx is not None else None
+
+
+def link_kind(ipr: IPRoute, ifindex: int) -> str | None:
+    info = ipr.link("get", index=ifindex)[0].get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def choose_decap_hook(requested: str, uplink_kind: str | None) -> tuple[str, str]:
+    """(hook, why). XDP on a veth turns off its peer's TSO and GRO (bpf-notes: TCP fell from
+    ~16 to 2-7 Gb/s), so veth uplinks decap at tc ingress; real NICs and virtio take XDP."""
+    if requested in ("xdp", "tc"):
+        return requested, f"--decap {requested} was asked for"
+    if uplink_kind == "veth":
+        return "tc", "the uplink is a veth: XDP there would cost the peer its TSO"
+    return "xdp", f"the uplink is a {uplink_kind or 'physical'} device: XDP runs before the stack"
+
+
+class BpfBackend(VxlanBackend):
+    """VXLAN on the wire, forwarded by BPF programs through maps. flanneld's vxlan kernel state
+    is kept as well: host-originated traffic enters through flannel.<VNI> (whose egress program
+    encapsulates), and on a map miss or with the programs gone traffic still flows the kernel way.
+    Publishes a "vxlan" lease, so stock vxlan nodes and this node program each other."""
+
+    name = "bpf"
+
+    def __init__(self, config: BackendConfig, uplink: Uplink, *, bridge: str = DEFAULT_BRIDGE,
+                 pin_dir: str | None = None, xdp_mode: str = "auto"):
+        super().__init__(config, uplink)
+        self.bridge = bridge
+        self.pin_dir = str(pin_dir or attach.default_pin_dir(uplink.name))
+        self.xdp_mode = xdp_mode
+        self.programs = None
+        self.maps = None
+        self.decap_hook, self.decap_reason = "tc", ""
+        self.attached: dict[str, str] = {}  # attach point -> program name
+        self.node = None
+        self._bridge_ifindex = 0
+
+    def start(self, lease: Lease) -> None:
+        super().start(lease)  # flannel.<VNI>: the routed device and safety net
+        from flannel_bpf.loader.maps import NodeConfig
+        from flannel_bpf.loader.program import load_programs
+        self.programs = load_programs(self.pin_dir)  # reuses pinned maps: state survives restarts
+        self.maps = self.programs.open_maps()
+        with IPRoute() as ipr:
+            uplink = ipr.link("get", index=self.uplink.ifindex)[0]
+            self.decap_hook, self.decap_reason = choose_decap_hook(
+                self.config.decap, link_kind(ipr, self.uplink.ifindex))
+            self.node = NodeConfig.make(
+                underlay_ip=self.uplink.ip, subnet=lease.subnet, vtep_mac=self.device.mac,
+                uplink_mac=uplink.get_attr("IFLA_ADDRESS"), uplink_ifindex=self.uplink.ifindex,
+                vni=self.config.vni, vxlan_port=self.config.udp_port, mtu=self.uplink.mtu,
+                vxlan_ifindex=self.device.ifindex)
+        self.maps.set_local_config(self.node)
+        self._attach("tc_encap_from_host", self.device.name, "egress")
+        if self.decap_hook == "xdp":
+            attach.detach_tc(self.uplink.name, "ingress", "tc_decap")
+            mode = attach.attach_xdp(self.uplink.name, self.programs.prog_fds["xdp_decap"], self.xdp_mode)
+            self.attached[f"{self.uplink.name} xdp ({mode})"] = "xdp_decap"
+        else:
+            attach.detach_xdp(self.uplink.name)
+            self._attach("tc_decap", self.uplink.name, "ingress")
+        for name, fd in self.programs.prog_fds.items():
+            attach.pin_program(fd, Path(self.pin_dir) / f"prog_{name}")
+        log.info("bpf data plane on %s: decap at %s (%s); maps pinned in %s", self.uplink.name,
+                 self.decap_hook, self.decap_reason, self.pin_dir)
+        self.reconcile()
+
+    def _attach(self, program: str, dev: str, direction: str) -> None:
+        attach.attach_tc(dev, direction, self.programs.prog_fds[program], program)
+        self.attached[f"{dev} tc {direction}"] = program
+
+    # -- peers: maps first (the fast path is ready at once), then the kernel's safety net --
+
+    def _mode(self, peer: Peer) -> PeerMode:
+        if self.config.direct_routing and is_on_link(peer.public_ip):
+            return PeerMode.DIRECT
+        return PeerMode.VXLAN
+
+    def _add(self, peer: Peer) -> list[PeerFailure]:
+        from flannel_bpf.loader.maps import PeerEntry
+        if peer.vni != self.config.vni:
+            return [PeerFailure(peer, f"peer VNI {peer.vni} differs from ours ({self.config.vni})")]
+        mode = self._mode(peer)
+        if mode is PeerMode.VXLAN and not peer.vtep_mac:
+            return [PeerFailure(peer, "peer has no VtepMAC")]
+        self.maps.upsert_peers([PeerEntry.make(peer.subnet, peer.public_ip,
+                                               peer.vtep_mac or "00:00:00:00:00:00", mode)])
+        return super()._add(peer)
+
+    def _remove(self, peer: Peer) -> list[PeerFailure]:
+        self.maps.remove_peers([peer.subnet])
+        return super()._remove(peer)
+
+    def _prune_leftovers(self) -> None:
+        super()._prune_leftovers()
+        for entry in self.maps.list_peers():
+            if entry.subnet not in self.programmed:
+                self.maps.remove_peers([entry.subnet])
+
+    # -- attach points and local pods, which come and go without any etcd event --
+
+    def reconcile(self) -> None:
+        with IPRoute() as ipr:
+            bridge = link_index(ipr, self.bridge)
+            if bridge != self._bridge_ifindex:
+                self._bridge_appeared(ipr, bridge)
+            if bridge:
+                self._sync_endpoints(ipr, bridge)
+
+    def _bridge_appeared(self, ipr: IPRoute, bridge: int | None) -> None:
+        import dataclasses
+        mac = ipr.link("get", index=bridge)[0].get_attr("IFLA_ADDRESS") if bridge else "00:00:00:00:00:00"
+        self.node = dataclasses.replace(self.node, bridge_ifindex=bridge or 0, bridge_mac=mac)
+        self.maps.set_local_config(self.node)
+        self._bridge_ifindex = bridge or 0
+        if bridge:
+            self._attach("tc_encap_from_pods", self.bridge, "ingress")
+            log.info("pod bridge %s found: pod traffic now enters the bpf path", self.bridge)
+        else:
+            self.attached.pop(f"{self.bridge} tc ingress", None)
+
+    def _sync_endpoints(self, ipr: IPRoute, bridge: int) -> None:
+        """Local pods for decap delivery: pod IP -> MAC from the bridge's neighbours, MAC ->
+        host-side veth from its FDB. A pod the host has not yet talked to is missing here and
+        reached through the kernel path, whose ARP then makes it known."""
+        from flannel_bpf.loader.maps import EndpointEntry
+        ports = {}
+        for entry in ipr.get_neighbours(family=socket.AF_BRIDGE):
+            if entry.get_attr("NDA_MASTER") == bridge and not entry["state"] & _NUD_PERMANENT:
+                ports[entry.get_attr("NDA_LLADDR")] = entry["ifindex"]
+        wanted = {}
+        for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=bridge):
+            ip, mac = entry.get_attr("NDA_DST"), entry.get_attr("NDA_LLADDR")
+            if entry["state"] & _NUD_USABLE and mac in ports and IPv4Address(ip) in self.node.subnet:
+                wanted[IPv4Address(ip)] = EndpointEntry.make(ip, ports[mac], mac)
+        current = {e.ip: e for e in self.maps.list_endpoints()}
+        changed = [e for ip, e in wanted.items() if current.get(ip) != e]
+        stale = [ip for ip in current if ip not in wanted]
+        if changed:
+            self.maps.set_endpoints(changed)
+        if stale:
+            self.maps.remove_endpoints(stale)
+
+    def stop(self, cleanup: bool) -> None:
+        if cleanup:
+            detach_bpf(self.uplink.name, self.config.vni, self.bridge, self.pin_dir)
+        if self.maps is not None:
+            self.maps.close()
+        if self.programs is not None:
+            self.programs.close()  # attached programs stay in the kernel
+        super().stop(cleanup)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "decap_hook": self.decap_hook, "decap_reason": self.decap_reason,
+                "attached": dict(self.attached), "pin_dir": self.pin_dir}
+
+
+def detach_bpf(uplink: str, vni: int, bridge: str, pin_dir: str) -> None:
+    """Remove every program this backend attaches, and its pins. Idempotent; missing devices
+    are fine."""
+    with IPRoute() as ipr:
+        present = {name for name in (uplink, vxlan_device_name(vni), bridge) if link_index(ipr, name)}
+    for dev, direction, program in ((uplink, "ingress", "tc_decap"),
+                                    (vxlan_device_name(vni), "egress", "tc_encap_from_host"),
+                                    (bridge, "ingress", "tc_encap_from_pods")):
+        if dev in present:
+            attach.detach_tc(dev, direction, program)
+    if uplink in present:
+        attach.detach_xdp(uplink)
+    attach.unlink_pins(pin_dir)
+
+
+BACKENDS = {"bpf": BpfBackend, "vxlan": VxlanBackend, "host-gw": HostGwBackend}
