@@ -1,0 +1,63 @@
+"""`flannel-bpf detach`: remove what `attach` made on an uplink. Idempotent."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from pyroute2 import IPRoute
+
+from flannel_bpf.cli import UsageError
+from flannel_bpf.loader import attach
+from flannel_bpf.loader.backends import DEFAULT_BRIDGE, detach_bpf
+from flannel_bpf.loader.kernel_vxlan import vxlan_device_name
+from flannel_bpf.loader.routes import delete_our_routes, link_index
+
+log = logging.getLogger("flannel-bpf")
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("detach", help="remove the data plane from an uplink (programs, pins, routes, devices)",
+                            description=__doc__)
+    parser.add_argument("--iface", required=True, help="the uplink given to attach")
+    parser.add_argument("--vni", type=int, default=None,
+                        help="VNI of the flannel.<VNI> device (default: from the pinned config, else 1)")
+    parser.add_argument("--bridge", default=DEFAULT_BRIDGE, help="the pod bridge (default cni0)")
+    parser.add_argument("--pin-dir", help="pin directory given to attach, if not the default")
+    parser.add_argument("--keep-ip-masq", action="store_true", help="leave the flanneld masq rules")
+    parser.set_defaults(handler=run)
+
+
+def pinned_vni(pin_dir: str) -> int | None:
+    from flannel_bpf.loader.maps import DataPlaneMaps
+    try:
+        with DataPlaneMaps(pin_dir) as maps:
+            config = maps.get_local_config()
+    except (FileNotFoundError, OSError):
+        return None
+    return config.vni if config else None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        pin_dir = str(args.pin_dir or attach.default_pin_dir(args.iface))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    vni = args.vni if args.vni is not None else (pinned_vni(pin_dir) or 1)
+    detach_bpf(args.iface, vni, args.bridge, pin_dir)
+    removed = []
+    with IPRoute() as ipr:
+        device = link_index(ipr, vxlan_device_name(vni))
+        if device is not None:
+            ipr.link("del", index=device)  # its neighbours, FDB and routes go with it
+            removed.append(vxlan_device_name(vni))
+        uplink = link_index(ipr, args.iface)
+        if uplink is not None:
+            count = delete_our_routes(ipr, oif=uplink)
+            if count:
+                removed.append(f"{count} routes via {args.iface}")
+    if not args.keep_ip_masq and os.path.exists("/usr/sbin/iptables"):
+        from flannel_bpf.controller.ipmasq import IpMasq
+        IpMasq.remove()
+    log.info("detached from %s%s", args.iface, f": removed {', '.join(removed)}" if removed else "")
+    return 0
