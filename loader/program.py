@@ -104,16 +104,16 @@ class LoadedPrograms:
 
     pin_dir: str
     prog_fds: dict[str, int]
-    _modules: list = field(default_factory=list, repr=False)
+    modules: list = field(default_factory=list, repr=False)  # the bcc BPF objects (introspection)
 
     def open_maps(self):
         from flannel_bpf.loader.maps import DataPlaneMaps
         return DataPlaneMaps(self.pin_dir)
 
     def close(self) -> None:
-        for module in self._modules:
+        for module in self.modules:
             module.cleanup()
-        self._modules.clear()
+        self.modules.clear()
         self.prog_fds.clear()
 
     def __enter__(self):
@@ -146,7 +146,7 @@ def load_programs(pin_dir, *, max_peers: int | None = None, max_endpoints: int |
                 module = BPF(text=expand_source(path).encode(), cflags=cflags)
             except Exception as e:
                 raise LoadError(f"compiling {path}: {e}") from e
-            loaded._modules.append(module)
+            loaded.modules.append(module)
             for name, spec in PROGRAMS.items():
                 if spec.source != source:
                     continue

@@ -109,3 +109,15 @@ def prog_test_run(prog_fd: int, data: bytes, *, ctx: ctypes.Structure | None = N
         duration_ns=opts.duration,
         ctx=bytes(ctx_out)[:opts.ctx_size_out] if ctx_out is not None else None,
     )
+
+
+def per_packet_ns(prog_fd: int, data: bytes, *, ctx: ctypes.Structure | None = None, runs: int = 1000,
+                  idempotent: bool = False) -> float:
+    """Cost of one run in ns. For programs that leave the packet unchanged
+    (`idempotent`, e.g. a pass path), one test-run with repeat=runs; otherwise
+    the median of `runs` single runs, each on a fresh copy of the packet (each
+    then includes the kernel's per-call timer overhead, a few ns)."""
+    if idempotent:
+        return float(prog_test_run(prog_fd, data, ctx=ctx, repeat=runs).duration_ns)
+    samples = sorted(prog_test_run(prog_fd, data, ctx=ctx).duration_ns for _ in range(runs))
+    return float(samples[len(samples) // 2])
