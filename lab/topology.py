@@ -494,60 +494,6 @@ def _kill_all(namespaces: list[str], grace: float = 3.0) -> list[int]:
     return sorted(signalled)
 
 
-def destroy(self) -> "DestroyReport":
-        return destroy(self.name)
-
-
-def create_lab(name: str = DEFAULT_LAB, hosts: int = 2, second_subnet: Iterable[int] = ()) -> Lab:
-    return Lab.create(name, hosts, second_subnet)
-
-
-@contextlib.contextmanager
-def temporary_lab(prefix: str = "t", hosts: int = 2, second_subnet: Iterable[int] = ()) -> Iterator[Lab]:
-    """A lab with a unique name (`prefix` + random hex), destroyed on exit even on failure."""
-    name = f"{prefix}{secrets.token_hex(3)}"
-    try:
-        yield Lab.create(name, hosts, second_subnet)
-    finally:
-        destroy(name)
-
-
-# ---------------------------------------------------------------------------- teardown
-
-
-@dataclass
-class DestroyReport:
-    namespaces: list[str] = field(default_factory=list)
-    killed_pids: list[int] = field(default_factory=list)
-    pin_dirs: list[str] = field(default_factory=list)
-    state_file_removed: bool = False
-
-
-def _kill_all(namespaces: list[str], grace: float = 3.0) -> list[int]:
-    """SIGTERM every process inside the namespaces, SIGKILL what is still there after
-    `grace` seconds. Returns the PIDs it signalled."""
-    me = os.getpid()
-
-    def still_inside() -> set[int]:
-        return {pid for pids in pids_by_netns(namespaces).values() for pid in pids if pid != me}
-
-    targets = still_inside()
-
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        for pid in still_inside() & targets:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while still_inside() & targets and time.monotonic() < deadline:
-            time.sleep(0.05)
-    left = still_inside() & targets
-    if left:
-        log.warning("processes %s would not leave their lab namespaces", sorted(left))
-    return sorted(targets)
-
-
 def destroy(name: str = DEFAULT_LAB) -> DestroyReport:
     """Remove every trace of lab `name`: processes inside its namespaces, the namespaces (and
     with them every link), its pin directories and its state file. Works from the state file
