@@ -258,10 +258,10 @@ class SubnetManager:
             except Exception as exc:  # EtcdError and running out of subnets are expected
                 action = "re-acquire" if reacquire else "renew"
                 if isinstance(exc, (EtcdError, OutOfSubnets, SubnetAcquireError)):
-                    log.warning("could not %s lease %s: %s; retrying in %.0f s", action, self._lease.subnet,
+                    log.warning("could not %s lease %s: %s; retrying in %g s", action, self._lease.subnet,
                                 exc, self.renew_retry)
                 else:
-                    log.exception("could not %s lease %s; retrying in %.0f s", action, self._lease.subnet,
+                    log.exception("could not %s lease %s; retrying in %g s", action, self._lease.subnet,
                                   self.renew_retry)
                 due = time.monotonic() + self.renew_retry
 
@@ -315,6 +315,7 @@ class SubnetManager:
                 if revision is None or self._resync.is_set():
                     self._resync.clear()
                     listing = self.registry.list_leases()
+                    outage = self._end_outage(outage)
                     self._apply_listing(listing)
                     revision = listing.revision
                 stream = self.registry.watch_leases(revision + 1)
@@ -323,9 +324,7 @@ class SubnetManager:
                 if self._stopping.is_set() or self._resync.is_set():
                     stream.cancel()
                 for changes in stream:
-                    if outage is not None:
-                        log.info("etcd watch re-established after %s", outage)
-                        outage = None
+                    outage = self._end_outage(outage)
                     backoff = self.backoff_initial
                     for change in changes:
                         self._apply_change(change)
@@ -339,7 +338,7 @@ class SubnetManager:
                     log.exception("peer watch failed unexpectedly")
                 elif outage is None:
                     outage = str(exc)
-                    log.warning("etcd watch interrupted (%s); reconnecting with backoff up to %.0f s",
+                    log.warning("etcd watch interrupted (%s); reconnecting with backoff up to %g s",
                                 exc, self.backoff_max)
                 self.registry.next_endpoint()
                 self._stopping.wait(backoff)
@@ -347,6 +346,12 @@ class SubnetManager:
             finally:
                 with self._stream_lock:
                     self._stream = None
+
+    @staticmethod
+    def _end_outage(outage: str | None) -> None:
+        if outage is not None:
+            log.info("etcd watch re-established after: %s", outage)
+        return None
 
     def _cancel_stream(self) -> None:
         with self._stream_lock:
