@@ -72,9 +72,12 @@ def check_pin_dir(pin_dir: str) -> str:
     if not _SAFE_PIN_DIR.match(pin_dir) or "/../" in pin_dir + "/" or ":" in pin_dir:
         raise ValueError(f"pin directory {pin_dir!r}: must be an absolute path of letters, digits, '.', '_', '-'")
     pin_dir = pin_dir.rstrip("/")
-    os.makedirs(pin_dir, mode=0o700, exist_ok=True)
-    if not _on_bpffs(pin_dir):
+    existing = pin_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not _on_bpffs(existing):
         raise ValueError(f"pin directory {pin_dir}: not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")
+    os.makedirs(pin_dir, mode=0o700, exist_ok=True)
     return pin_dir
 
 
