@@ -9,7 +9,6 @@ while the server is down and cannot be resumed from a revision by its caller aft
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -23,7 +22,7 @@ import etcd3.etcdrpc as etcdrpc
 import etcd3.exceptions
 import grpc
 
-from .config import ConfigError, NetworkConfig, parse_network_config
+from .config import NetworkConfig, parse_network_config
 from .lease import (Lease, LeaseAttrs, LeaseFormatError, decode_lease, encode_lease_value, parse_subnet_key,
                     subnet_key, subnets_prefix)
 
@@ -183,6 +182,10 @@ class SubnetRegistry:
             raise _translate(exc, endpoint) from None
         except OSError as exc:
             raise EtcdError(f"cannot read the etcd TLS files: {exc}") from None
+        if not client.uses_secure_channel:
+            # gRPC refuses call credentials on a plain channel; the auth token also travels in the
+            # metadata etcd3 adds to every call, which is all etcd needs.
+            client.call_credentials = None
         with self._lock:
             self._clients.setdefault(endpoint, client)
             return self._clients[endpoint]
@@ -221,6 +224,7 @@ class SubnetRegistry:
             except grpc.RpcError as exc:
                 # An expired auth token: log in again once.
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED and attempt == 1 and self.options.username:
+                    log.info("etcd %s: %s; logging in again", endpoint, exc.details())
                     self._drop_client(endpoint)
                     continue
                 raise _translate(exc, endpoint) from None

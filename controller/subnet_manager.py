@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 from .config import NetworkConfig
 from .lease import Lease, LeaseAttrs
 from .peers import PeerEvent, PeerSink, PeerTable
-from .registry import (EtcdError, EtcdUnavailable, InvalidEntry, LeaseChange, LeaseListing, LeaseWatch,
+from .registry import (EtcdError, InvalidEntry, LeaseChange, LeaseListing, LeaseWatch,
                        SubnetRegistry, WatchCompacted)
 from .subnet_env import DEFAULT_SUBNET_FILE, read_previous_subnet, write_subnet_env
 
@@ -349,9 +349,9 @@ class SubnetManager:
 
     @staticmethod
     def _end_outage(outage: str | None) -> None:
+        """Log the end of an outage (if there was one); returns the new outage state, None."""
         if outage is not None:
             log.info("etcd watch re-established after: %s", outage)
-        return None
 
     def _cancel_stream(self) -> None:
         with self._stream_lock:

@@ -120,7 +120,7 @@ class EtcdCluster:
 
     def __init__(self, members: list[EtcdMember] | None = None, *, size: int = 1,
                  base_dir: str | os.PathLike | None = None, token: str | None = None,
-                 start_timeout: float = 20.0):
+                 start_timeout: float = 20.0, extra_args: tuple[str, ...] = ()):
         if members is None:
             tag = uuid.uuid4().hex[:6]
             members = [EtcdMember(name=f"etcd-{tag}-{i}") for i in range(size)]
@@ -136,6 +136,7 @@ class EtcdCluster:
         self.base_dir = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="flannel-bpf-etcd-"))
         self.token = token or f"flannel-bpf-{uuid.uuid4().hex[:8]}"
         self.start_timeout = start_timeout
+        self.extra_args = tuple(extra_args)  # more etcd flags for every member, e.g. ("--auth-token-ttl", "1")
         for member in self.members:
             member.data_dir = member.data_dir or self.base_dir / member.name
             member.log_path = self.base_dir / f"{member.name}.log"
@@ -164,6 +165,7 @@ class EtcdCluster:
             "--initial-cluster-token", self.token,
             "--logger", "zap",
             "--log-outputs", "stderr",
+            *self.extra_args,
         ]
         if member.netns is not None:
             command = ["nsenter", f"--net={NETNS_DIR / member.netns}", *command]

@@ -104,8 +104,8 @@ def etcd_cluster():
     """Start clusters of any size for one test: etcd_cluster(size) -> EtcdCluster."""
     clusters = []
 
-    def start(size: int = 1) -> EtcdCluster:
-        cluster = EtcdCluster(size=size)
+    def start(size: int = 1, **options) -> EtcdCluster:
+        cluster = EtcdCluster(size=size, **options)
         clusters.append(cluster)
         return cluster.start()
 
@@ -147,8 +147,8 @@ def agents(etcd, prefix, open_registry, tmp_path):
 
     def make(index: int, *, config=None, endpoints=None, prefix_=None, start: bool = True,
              subnet_file: Path | None = None, attrs: LeaseAttrs | None = None, ttl: int = 30,
-             renew_margin: float = 10, **keywords):
-        registry = open_registry(endpoints or etcd.endpoints, prefix_ or prefix)
+             renew_margin: float = 10, etcd_options: dict | None = None, **keywords):
+        registry = open_registry(endpoints or etcd.endpoints, prefix_ or prefix, **(etcd_options or {}))
         if config is None:
             config = registry.wait_for_network_config()
         sink = RecordingSink()

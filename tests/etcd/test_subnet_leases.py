@@ -11,6 +11,7 @@ import pytest
 from flannel_bpf.controller.config import ConfigError
 from flannel_bpf.controller.lease import LeaseAttrs, encode_lease_value, subnet_key, vxlan_backend_data
 from flannel_bpf.controller.subnet_env import read_previous_subnet, read_subnet_env
+from flannel_bpf.controller.registry import EtcdError
 from flannel_bpf.controller.subnet_manager import OutOfSubnets
 
 TWENTY_SUBNETS = {"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.0", "SubnetMax": "10.244.20.0",
@@ -220,3 +221,35 @@ def test_missing_config_is_waited_for(etcd, prefix, registry, caplog, network_do
         timer.cancel()
     assert config.network == IPv4Network("10.244.0.0/16")
     assert f"no network config at {prefix}/config yet" in caplog.text
+
+
+def enable_auth(cluster, password: str) -> None:
+    """etcd's auth as an operator sets it up: a root user with the root role, then auth on."""
+    member = cluster.members[0]
+    client = etcd3.client(host=member.host, port=member.client_port, timeout=5)
+    try:
+        auth = etcdrpc.AuthStub(client.channel)
+        auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name="root"), 5)
+        auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=password), 5)
+        auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"), 5)
+        auth.AuthEnable(etcdrpc.AuthEnableRequest(), 5)
+    finally:
+        client.close()
+
+
+def test_username_and_password(etcd_cluster, prefix, open_registry, network_doc, agents, caplog):
+    # Tokens live 1 s here, so the agent must log in again on its own while it works.
+    cluster = etcd_cluster(1, extra_args=("--auth-token-ttl", "1"))
+    enable_auth(cluster, "s3cret")
+    with pytest.raises(EtcdError, match="user name is empty|permission denied"):
+        open_registry(cluster.endpoints, prefix).get_network_config_text()
+    with pytest.raises(EtcdError, match="authentication failed"):
+        open_registry(cluster.endpoints, prefix, username="root", password="wrong").get_network_config_text()
+    registry = open_registry(cluster.endpoints, prefix, username="root", password="s3cret")
+    registry.put_network_config(json.dumps(network_doc))
+    manager, _ = agents(1, endpoints=cluster.endpoints, etcd_options={"username": "root", "password": "s3cret"},
+                        ttl=2, renew_margin=1)
+    time.sleep(3)  # renewals after the first token expired
+    assert registry.get_lease(manager.lease.subnet).public_ip == manager.attrs.public_ip
+    assert manager.reacquired_count == 0
+    assert "logging in again" in caplog.text
