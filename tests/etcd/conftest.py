@@ -24,11 +24,6 @@ from flannel_bpf.lab.etcd import EtcdCluster
 NETWORK = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 1}}
 
 
-def pytest_configure(config):
-    # etcd3 0.12's generated protobuf modules use descriptor calls newer protobuf deprecates.
-    config.addinivalue_line("filterwarnings", r"ignore:Call to deprecated create function:DeprecationWarning")
-
-
 class RecordingSink:
     """A PeerSink that keeps every event and can wait for a condition on them."""
 
