@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -68,6 +69,20 @@ def run_in_netns(netns: str | None, fn, *args):
     return outcome["value"]
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Serve clients over TLS and require client certificates signed by `ca`."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+
 @dataclass
 class EtcdMember:
     """One etcd server. `host` is the address it listens on (in `netns` when given)."""
@@ -80,10 +95,11 @@ class EtcdMember:
     data_dir: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
+    tls: EtcdTLS | None = None
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -98,7 +114,8 @@ class EtcdMember:
 
         def probe() -> bool:
             try:
-                with urllib.request.urlopen(self.client_url + "/health", timeout=timeout) as reply:
+                context = self.tls.client_context() if self.tls else None
+                with urllib.request.urlopen(self.client_url + "/health", timeout=timeout, context=context) as reply:
                     return json.loads(reply.read()).get("health") == "true"
             except (OSError, ValueError, urllib.error.URLError):
                 return False
@@ -120,7 +137,7 @@ class EtcdCluster:
 
     def __init__(self, members: list[EtcdMember] | None = None, *, size: int = 1,
                  base_dir: str | os.PathLike | None = None, token: str | None = None,
-                 start_timeout: float = 20.0, extra_args: tuple[str, ...] = ()):
+                 start_timeout: float = 20.0, extra_args: tuple[str, ...] = (), tls: EtcdTLS | None = None):
         if members is None:
             tag = uuid.uuid4().hex[:6]
             members = [EtcdMember(name=f"etcd-{tag}-{i}") for i in range(size)]
@@ -138,6 +155,7 @@ class EtcdCluster:
         self.start_timeout = start_timeout
         self.extra_args = tuple(extra_args)  # more etcd flags for every member, e.g. ("--auth-token-ttl", "1")
         for member in self.members:
+            member.tls = member.tls or tls
             member.data_dir = member.data_dir or self.base_dir / member.name
             member.log_path = self.base_dir / f"{member.name}.log"
 
@@ -167,6 +185,9 @@ class EtcdCluster:
             "--log-outputs", "stderr",
             *self.extra_args,
         ]
+        if member.tls is not None:
+            command += ["--cert-file", str(member.tls.cert), "--key-file", str(member.tls.key),
+                        "--trusted-ca-file", str(member.tls.ca), "--client-cert-auth"]
         if member.netns is not None:
             command = ["nsenter", f"--net={NETNS_DIR / member.netns}", *command]
         return command
