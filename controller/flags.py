@@ -15,10 +15,12 @@ import argparse
 import ipaddress
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .registry import DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdOptions, parse_endpoint
+from .config import NetworkConfig, load_network_config_file
+from .registry import DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdOptions, SubnetRegistry, parse_endpoint
 from .subnet_env import DEFAULT_SUBNET_FILE
 
 ENV_PREFIX = "FLANNELD_"
@@ -223,6 +225,15 @@ def etcd_options_from_args(args: argparse.Namespace, timeout: float = 5.0) -> Et
                            username=args.etcd_username, password=args.etcd_password, timeout=timeout)
     except ValueError as exc:
         raise FlagError(str(exc)) from None
+
+
+def load_network_config(args: argparse.Namespace, registry: SubnetRegistry,
+                        stop: threading.Event | None = None) -> NetworkConfig:
+    """The network config from --net-config-path, else from etcd <prefix>/config (waiting for it
+    to appear, as flanneld does). Raises ConfigError for a bad config."""
+    if args.net_config_path:
+        return load_network_config_file(args.net_config_path)
+    return registry.wait_for_network_config(stop)
 
 
 def renew_margin_seconds(args: argparse.Namespace) -> int:

@@ -83,6 +83,21 @@ def vxlan_backend_data(vni: int, vtep_mac: str) -> dict:
     return {"VNI": int(vni), "VtepMAC": vtep_mac.lower()}
 
 
+def node_lease_attrs(backend_type: str, public_ip: IPv4Address | str, vni: int = 1,
+                     vtep_mac: str | None = None) -> LeaseAttrs:
+    """What a node with this Backend.Type publishes. "bpf" publishes flannel's vxlan lease (same
+    BackendType and BackendData), so stock vxlan nodes program routes to it; "host-gw" publishes a
+    host-gw lease without BackendData."""
+    public_ip = IPv4Address(public_ip)
+    if backend_type == "host-gw":
+        return LeaseAttrs(public_ip, "host-gw")
+    if backend_type not in ("bpf", "vxlan"):
+        raise ValueError(f"backend type {backend_type!r} publishes no lease flannel-bpf knows")
+    if vtep_mac is None:
+        raise ValueError(f"a {backend_type} lease needs the VtepMAC of the node's flannel.{vni} device")
+    return LeaseAttrs(public_ip, "vxlan", vxlan_backend_data(vni, vtep_mac))
+
+
 def subnet_key(prefix: str, subnet: IPv4Network) -> str:
     return f"{prefix.rstrip('/')}/subnets/{subnet.network_address}-{subnet.prefixlen}"
 

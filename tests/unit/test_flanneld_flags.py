@@ -6,6 +6,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from flannel_bpf.controller.flags import (FlagError, add_flanneld_flags, env_name, etcd_options_from_args,
+                                          load_network_config,
                                           renew_margin_seconds)
 
 
@@ -113,3 +114,10 @@ def test_inconsistent_flags(tmp_path):
         etcd_options_from_args(parse(["--etcd-username", "me"]))
     with pytest.raises(FlagError, match="--etcd-keyfile and --etcd-certfile"):
         etcd_options_from_args(parse(["--etcd-keyfile", str(key)]))
+
+
+def test_net_config_path_is_read_without_etcd(tmp_path):
+    path = tmp_path / "net-conf.json"
+    path.write_text('{"Network": "10.244.0.0/16", "Backend": {"Type": "bpf", "Decap": "tc"}}')
+    config = load_network_config(parse(["--net-config-path", str(path)]), registry=None)
+    assert config.backend.decap == "tc"

@@ -4,6 +4,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from flannel_bpf.controller.lease import (Lease, LeaseAttrs, LeaseFormatError, decode_lease, encode_go_json,
+                                          node_lease_attrs,
                                           encode_lease_value, parse_subnet_key, subnet_key, vxlan_backend_data)
 
 PREFIX = "/coreos.com/network"
@@ -106,3 +107,16 @@ def test_published_ignores_bookkeeping():
 def test_bad_vtep_mac_is_refused_when_building_our_lease():
     with pytest.raises(ValueError, match="VtepMAC"):
         vxlan_backend_data(1, "not-a-mac")
+
+
+def test_node_lease_attrs_per_backend():
+    bpf = node_lease_attrs("bpf", "198.18.0.2", vni=1, vtep_mac="c6:d2:32:6f:8f:44")
+    assert bpf == node_lease_attrs("vxlan", "198.18.0.2", vni=1, vtep_mac="c6:d2:32:6f:8f:44")
+    assert encode_lease_value(bpf) == (b'{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"vxlan",'
+                                       b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+    hostgw = node_lease_attrs("host-gw", IPv4Address("198.18.0.2"))
+    assert encode_lease_value(hostgw) == b'{"PublicIP":"198.18.0.2","PublicIPv6":null,"BackendType":"host-gw"}'
+    with pytest.raises(ValueError, match="needs the VtepMAC of the node's flannel.1 device"):
+        node_lease_attrs("bpf", "198.18.0.2")
+    with pytest.raises(ValueError, match="publishes no lease"):
+        node_lease_attrs("udp", "198.18.0.2")
