@@ -159,7 +159,9 @@ static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwar
 
 	key.addr = iph->daddr;
 	peer = fl_peers.lookup(&key);
-	if (!peer || (peer->mode != FL_MODE_VXLAN && peer->mode != FL_MODE_DIRECT))
+	/* A lease of our own among the peers would loop packets back to us. */
+	if (!peer || (peer->mode != FL_MODE_VXLAN && peer->mode != FL_MODE_DIRECT) ||
+	    peer->underlay_ip == cfg->underlay_ip)
 		return fl_tc_account(FL_STAT_PASS_NO_ROUTE, len);
 	if (forwarding && iph->ttl <= 1)
 		return fl_tc_account(FL_STAT_PASS_TTL_EXCEEDED, len);

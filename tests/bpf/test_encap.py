@@ -145,6 +145,13 @@ def test_source_port_range_and_vxlan_settings_come_from_the_config(node):
     assert node.run(PODS, udp_of_l3_len(2951)).stats == [Stat.PASS_OVERSIZE]
 
 
+def test_a_peer_entry_pointing_at_ourselves_is_never_used(node):
+    node.maps.upsert_peers([P.PeerEntry.make("10.244.8.0/24", P.UNDERLAY_IP, P.VTEP_MAC)])
+    pkt = P.from_pod(P.udp(), dst="10.244.8.8")
+    outcome = node.run(PODS, pkt)
+    assert outcome.stats == [Stat.PASS_NO_ROUTE] and outcome.result.data == bytes(pkt)
+
+
 def test_longest_prefix_wins_and_removed_peers_stop_matching(node):
     more_specific = P.PeerEntry.make("10.244.2.128/25", "198.18.0.9", "02:fb:00:00:01:09")
     node.maps.upsert_peers([more_specific])
