@@ -151,11 +151,13 @@ class SubnetManager:
         self._stopping.set()
         self._wake_keeper.set()
         self._cancel_stream()
-        for thread in self._threads:
+        # (stop() may be called from a callback, on the events thread itself.)
+        others = [t for t in self._threads if t is not threading.current_thread()]
+        for thread in others:
             if thread.name != "flannel-bpf-events":
                 thread.join(timeout)
         self._events.put(None)
-        for thread in self._threads:
+        for thread in others:
             thread.join(timeout)
         self._threads = []
         if release and self._lease is not None:

@@ -6,8 +6,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from flannel_bpf.controller.flags import (FlagError, add_flanneld_flags, env_name, etcd_options_from_args,
-                                          load_network_config,
-                                          renew_margin_seconds)
+                                          load_network_config, renew_margin_seconds)
 
 
 def parse(argv, environ=None):

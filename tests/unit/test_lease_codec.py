@@ -4,8 +4,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from flannel_bpf.controller.lease import (Lease, LeaseAttrs, LeaseFormatError, decode_lease, encode_go_json,
-                                          node_lease_attrs,
-                                          encode_lease_value, parse_subnet_key, subnet_key, vxlan_backend_data)
+                                          encode_lease_value, node_lease_attrs, parse_subnet_key, subnet_key,
+                                          vxlan_backend_data)
 
 PREFIX = "/coreos.com/network"
 # Written by flanneld's vxlan backend (the example in flannel's documentation).
