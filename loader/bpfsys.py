@@ -15,16 +15,13 @@ from functools import lru_cache
 
 LIBBPF_PATHS = ("/usr/lib/x86_64-linux-gnu/libbpf.so.1", "libbpf.so.1")
 
-# enum bpf_map_type values used here (uapi/linux/bpf.h)
-BPF_MAP_TYPE_HASH = 1
-BPF_MAP_TYPE_ARRAY = 2
+# enum bpf_map_type (uapi/linux/bpf.h): the per-CPU kinds, whose values come one per CPU
+BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_LPM_TRIE = 11
-PERCPU_MAP_TYPES = frozenset({5, BPF_MAP_TYPE_PERCPU_ARRAY, 10})
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+PERCPU_MAP_TYPES = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH})
 
-BPF_ANY = 0
-BPF_NOEXIST = 1
-BPF_EXIST = 2
+BPF_ANY = 0  # update flag: create or replace
 
 
 class BpfError(OSError):

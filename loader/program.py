@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from flannel_bpf.loader import bpfsys, layout
+from flannel_bpf.loader.maps import DataPlaneMaps
 
 BPFFS_MAGIC = 0xCAFE4A11
 
@@ -101,19 +102,24 @@ def check_pinned_maps(pin_dir: str) -> None:
 
 @dataclass
 class LoadedPrograms:
-    """The loaded programs (fds by name) and the pin directory of their maps.
-    Keep it alive while the programs are needed by fd; attached or pinned
-    programs stay in the kernel after close()."""
+    """The loaded programs (fds by name) and their pinned maps. Keep it alive
+    while the programs are needed by fd; programs attached or pinned elsewhere
+    stay in the kernel after close(), and the maps stay pinned."""
 
     pin_dir: str
     prog_fds: dict[str, int]
+    maps: DataPlaneMaps | None = None
     modules: list = field(default_factory=list, repr=False)  # the bcc BPF objects (introspection)
 
-    def open_maps(self):
-        from flannel_bpf.loader.maps import DataPlaneMaps
+    def open_maps(self) -> DataPlaneMaps:
+        """Another handle on the same maps; the caller closes it. Let only one
+        handle per process write peers (each keeps its own view of them)."""
         return DataPlaneMaps(self.pin_dir)
 
     def close(self) -> None:
+        if self.maps is not None:
+            self.maps.close()
+            self.maps = None
         for module in self.modules:
             module.cleanup()
         self.modules.clear()
@@ -129,7 +135,8 @@ class LoadedPrograms:
 def load_programs(pin_dir, *, max_peers: int | None = None, max_endpoints: int | None = None,
                   extra_cflags: tuple[str, ...] = ()) -> LoadedPrograms:
     """Compiles ebpf/tc_route.c and ebpf/vxlan_xdp.c (about 1 s each), loads
-    their four programs and creates or reuses the maps pinned in `pin_dir`."""
+    their four programs, creates or reuses the maps pinned in `pin_dir`, and
+    opens them (`.maps`)."""
     from bcc import BPF  # imported late: loading clang costs time and memory
 
     pin_dir = check_pin_dir(str(pin_dir))
@@ -157,6 +164,7 @@ def load_programs(pin_dir, *, max_peers: int | None = None, max_endpoints: int |
                     loaded.prog_fds[name] = module.load_func(name.encode(), prog_types[spec.prog_type]).fd
                 except Exception as e:
                     raise LoadError(f"loading {name} from {path}: {e}") from e
+        loaded.maps = DataPlaneMaps(pin_dir)
     except BaseException:
         loaded.close()
         raise

@@ -41,8 +41,7 @@ def programs(pin_root) -> LoadedPrograms:
 
 @pytest.fixture(scope="session")
 def maps(programs) -> DataPlaneMaps:
-    with DataPlaneMaps(programs.pin_dir) as m:
-        yield m
+    return programs.maps
 
 
 @dataclass

@@ -71,7 +71,8 @@ def test_xdp_decap_cost_with_repeats(pin_root, record_property):
     """A timing build of xdp_decap undoes its decap, so repeat=N times N full decaps."""
     from flannel_bpf.loader.program import load_programs
     bench = load_programs(f"{pin_root}/bench", extra_cflags=("-DFL_BENCH_UNDO_DECAP",))
-    with bench, bench.open_maps() as maps:
+    with bench:
+        maps = bench.maps
         maps.set_local_config(P.node_config())
         maps.upsert_peers([P.PEER2])
         maps.reset_counters()

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("require_root")
 def test_state_survives_reloading_the_programs(pin_root):
     pin_dir = f"{pin_root}/reload"
     first = load_programs(pin_dir)
-    with first, first.open_maps() as maps:
+    with first:
+        maps = first.maps
         maps.set_local_config(P.node_config())
         maps.upsert_peers([P.PEER2, P.PEER3])
         maps.set_endpoints([P.LOCAL_POD])
@@ -33,7 +34,8 @@ def test_state_survives_reloading_the_programs(pin_root):
     del first, maps  # nothing of the first load is left in this process
 
     second = load_programs(pin_dir)
-    with second, second.open_maps() as maps:
+    with second:
+        maps = second.maps
         assert maps.get_local_config() == P.node_config()
         assert maps.list_peers() == [P.PEER2, P.PEER3]
         assert maps.known_peer_ips() == {P.PEER2.underlay_ip, P.PEER3.underlay_ip}

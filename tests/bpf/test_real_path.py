@@ -48,15 +48,15 @@ def cluster(pin_root):
                 uplink, bridge = link(host.netns, host.uplink), link(host.netns, "cni0")
                 pod = host.pod(1)
                 pod_mac = link(pod.netns, pod.ifname).get_attr("IFLA_ADDRESS")
-                with loaded[i].open_maps() as maps:
-                    maps.set_local_config(NodeConfig.make(
-                        underlay_ip=host.ip, subnet=SUBNETS[i], vtep_mac=devices[i].mac,
-                        uplink_mac=uplink.get_attr("IFLA_ADDRESS"), uplink_ifindex=uplink["index"],
-                        bridge_mac=bridge.get_attr("IFLA_ADDRESS"), bridge_ifindex=bridge["index"],
-                        vxlan_ifindex=devices[i].ifindex, mtu=uplink.get_attr("IFLA_MTU")))
-                    maps.upsert_peers([PeerEntry.make(SUBNETS[other], peer_host.ip, devices[other].mac)])
-                    maps.set_endpoints([EndpointEntry.make(pod.ip, link(host.netns, pod.host_veth)["index"],
-                                                           pod_mac)])
+                maps = loaded[i].maps
+                maps.set_local_config(NodeConfig.make(
+                    underlay_ip=host.ip, subnet=SUBNETS[i], vtep_mac=devices[i].mac,
+                    uplink_mac=uplink.get_attr("IFLA_ADDRESS"), uplink_ifindex=uplink["index"],
+                    bridge_mac=bridge.get_attr("IFLA_ADDRESS"), bridge_ifindex=bridge["index"],
+                    vxlan_ifindex=devices[i].ifindex, mtu=uplink.get_attr("IFLA_MTU")))
+                maps.upsert_peers([PeerEntry.make(SUBNETS[other], peer_host.ip, devices[other].mac)])
+                maps.set_endpoints([EndpointEntry.make(pod.ip, link(host.netns, pod.host_veth)["index"],
+                                                       pod_mac)])
                 fds = loaded[i].prog_fds
                 with in_netns(host.netns):
                     attach_tc("cni0", "ingress", fds["tc_encap_from_pods"], "fbpf_encap")
@@ -69,14 +69,12 @@ def cluster(pin_root):
 
 
 def counters(loaded, i):
-    with loaded[i].open_maps() as maps:
-        return {k: v for k, v in maps.read_counters().items() if v[0]}
+    return {k: v for k, v in loaded[i].maps.read_counters().items() if v[0]}
 
 
 def reset(loaded):
     for programs in loaded.values():
-        with programs.open_maps() as maps:
-            maps.reset_counters()
+        programs.maps.reset_counters()
 
 
 def test_pod_to_pod_over_bpf_encap_and_tc_decap(cluster):
