@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,18 @@ class Pod:
 
 
 @dataclass
+class AgentState:
+    """The flannel-bpf agent `lab up` started on a host (flannel_bpf.lab.orchestrator)."""
+    backend: str              # bpf | vxlan | host-gw
+    pid: int | None
+    healthz_port: int
+    log_path: str
+    subnet_file: str
+    pin_dir: str | None = None   # bpf backend only
+    subnet: str | None = None    # "10.244.7.0/24" once leased
+
+
+@dataclass
 class Host:
     index: int
     netns: str
@@ -91,6 +104,7 @@ class Host:
     pod_bridge: str | None = None
     pod_gateway: str | None = None   # "10.244.1.1/24" once the first pod exists
     pods: list[Pod] = field(default_factory=list)
+    agent: AgentState | None = None
 
     @property
     def ip(self) -> str:
@@ -124,6 +138,29 @@ class Bridge:
 
 
 @dataclass
+class EtcdMemberState:
+    name: str
+    client_url: str
+    peer_url: str
+    netns: str
+    pid: int | None
+    data_dir: str
+    log_path: str
+
+
+@dataclass
+class EtcdState:
+    """The lab's etcd (in the underlay namespace) and where flannel's keys live in it."""
+    prefix: str
+    token: str
+    members: list[EtcdMemberState]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.client_url for m in self.members]
+
+
+@dataclass
 class LabState:
     name: str
     underlay_netns: str
@@ -131,6 +168,8 @@ class LabState:
     hosts: list[Host] = field(default_factory=list)
     router: Router | None = None
     version: int = _STATE_VERSION
+    etcd: EtcdState | None = None
+    network_config: dict | None = None   # what `lab up` wrote to <prefix>/config
 
     def host(self, index: int) -> Host:
         for host in self.hosts:
@@ -154,15 +193,20 @@ class LabState:
     @classmethod
     def from_dict(cls, data: dict) -> "LabState":
         try:
-            hosts = [Host(**{**h, "pods": [Pod(**p) for p in h.get("pods", [])]})
+            hosts = [Host(**{**h, "pods": [Pod(**p) for p in h.get("pods", [])],
+                              "agent": AgentState(**h["agent"]) if h.get("agent") else None})
                      for h in data["hosts"]]
+            etcd = data.get("etcd")
+            if etcd is not None:
+                etcd = EtcdState(**{**etcd, "members": [EtcdMemberState(**m) for m in etcd["members"]]})
             router = data.get("router")
             if router is not None:
                 router = Router(netns=router["netns"],
                                 legs=[RouterLeg(**leg) for leg in router["legs"]])
             return cls(name=data["name"], underlay_netns=data["underlay_netns"],
                        bridges=[Bridge(**b) for b in data["bridges"]], hosts=hosts,
-                       router=router, version=data.get("version", _STATE_VERSION))
+                       router=router, version=data.get("version", _STATE_VERSION), etcd=etcd,
+                       network_config=data.get("network_config"))
         except (KeyError, TypeError) as e:
             raise LabError(f"malformed lab state: {e!r}") from None
 
@@ -197,6 +241,11 @@ def _lab_object_pattern(name: str) -> re.Pattern:
 
 def state_path(name: str) -> Path:
     return STATE_DIR / f"{validate_lab_name(name)}.json"
+
+
+def run_dir(name: str) -> Path:
+    """Where the lab's processes keep their files (etcd data, agent logs, subnet.env)."""
+    return STATE_DIR / validate_lab_name(name)
 
 
 def write_state(state: LabState) -> Path:
@@ -383,6 +432,36 @@ class Lab:
         with in_netns(ul), IPRoute() as ipr:
             ipr.route("add", dst=str(UNDERLAY_NETWORKS[1]), gateway=str(ROUTER_ADDRESSES[0].ip))
 
+    def add_host(self, on_second_subnet: bool = False) -> Host:
+        """One more host in a running lab (the next free index), e.g. a node joining later."""
+        with_router = self.state.router is not None
+        if on_second_subnet and not with_router:
+            raise LabError(f"lab {self.name} has no second underlay subnet (no router)")
+        index = max((h.index for h in self.hosts), default=0) + 1
+        if index > MAX_HOSTS:
+            raise LabError(f"lab {self.name} already has {MAX_HOSTS} hosts")
+        try:
+            host = self._build_host(index, on_second=on_second_subnet, with_router=with_router)
+        except BaseException:
+            self.state.hosts = [h for h in self.hosts if h.index != index]
+            remove_netns(host_netns_name(self.name, index))
+            raise
+        finally:
+            self.save()
+        return host
+
+    def remove_host(self, index: int) -> None:
+        """Take host `index` out of the lab: the processes inside it and its pods, their
+        namespaces (and links) and its pin directory."""
+        host = self.host(index)
+        namespaces = [p.netns for p in host.pods] + [host.netns]
+        _kill_all(namespaces)
+        for ns in namespaces:
+            remove_netns(ns)
+        unlink_pins(PIN_ROOT / host.netns)
+        self.state.hosts.remove(host)
+        self.save()
+
     def _build_host(self, index: int, *, on_second: bool, with_router: bool) -> Host:
         netns = host_netns_name(self.name, index)
         address, routes = _host_underlay(index, on_second, with_router)
@@ -521,6 +600,8 @@ def destroy(name: str = DEFAULT_LAB) -> DestroyReport:
             if pattern.match(entry.name):
                 unlink_pins(entry)
                 report.pin_dirs.append(str(entry))
+    if run_dir(name).is_dir():
+        shutil.rmtree(run_dir(name), ignore_errors=True)
     try:
         state_path(name).unlink()
         report.state_file_removed = True

@@ -1,4 +1,4 @@
 """One module per `flannel-bpf` command; each exposes add_parser(subparsers)."""
-from flannel_bpf.commands import attach, detach, status
+from flannel_bpf.commands import attach, detach, lab, status
 
-ALL: list = [attach, detach, status]
+ALL: list = [attach, detach, status, lab]
