@@ -1,0 +1,91 @@
+"""`python -m flannel_bpf.lab.node`, the pods and check of a VM of the vagrant lab, run here in a
+network namespace that stands in for the VM (the module works on its caller's namespace)."""
+import json
+import secrets
+import subprocess
+import sys
+from ipaddress import IPv4Network
+
+import pytest
+
+from flannel_bpf.lab.node import NodeError, pod_addresses
+from flannel_bpf.lab.run import ping, run_in_netns
+from flannel_bpf.loader.netns import create_netns, list_netns, netns_path, read_sysctl, remove_netns
+
+pytestmark = pytest.mark.usefixtures("require_root")
+
+
+@pytest.fixture
+def vm(tmp_path):
+    """(host namespace, pod namespace prefix, subnet.env path); all removed afterwards."""
+    tag = secrets.token_hex(3)
+    host, prefix = f"fbpf-vm{tag}", f"fbpf-vm{tag}-p"
+    create_netns(host)
+    subnet_file = tmp_path / "subnet.env"
+    subnet_file.write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\n"
+                           "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
+    try:
+        yield host, prefix, subnet_file
+    finally:
+        for ns in list_netns():
+            if ns.startswith(prefix):
+                remove_netns(ns)
+        remove_netns(host)
+
+
+def node_command(host, *args):
+    return subprocess.run(["nsenter", f"--net={netns_path(host)}", sys.executable, "-m",
+                           "flannel_bpf.lab.node", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_pods_get_the_subnet_env_addresses_and_reach_each_other(vm):
+    host, prefix, subnet_file = vm
+    first = node_command(host, "pods", "--count", 2, "--subnet-file", subnet_file, "--prefix", prefix)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == [{"netns": f"{prefix}1", "address": "10.244.7.2/24"},
+                                        {"netns": f"{prefix}2", "address": "10.244.7.3/24"}]
+    # cni0 holds FLANNEL_SUBNET; the host forwards; each pod has FLANNEL_MTU and a default route.
+    assert "inet 10.244.7.1/24" in run_in_netns(host, ["ip", "-4", "addr", "show", "cni0"]).stdout
+    assert read_sysctl("net.ipv4.ip_forward", host) == "1"
+    for index in (1, 2):
+        pod = f"{prefix}{index}"
+        assert "mtu 1450" in run_in_netns(pod, ["ip", "-o", "link", "show", "eth0"]).stdout
+        assert run_in_netns(pod, ["ip", "route", "show", "default"]).stdout.startswith("default via 10.244.7.1 dev eth0")
+    # The pods' gateway pings left neighbour entries on cni0, from which the agent learns pods.
+    neighbours = run_in_netns(host, ["ip", "-4", "neigh", "show", "dev", "cni0"]).stdout
+    assert "10.244.7.2 " in neighbours and "10.244.7.3 " in neighbours
+    assert ping(f"{prefix}1", "10.244.7.3", count=2).ok
+
+    again = node_command(host, "pods", "--count", 2, "--subnet-file", subnet_file, "--prefix", prefix)
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+    assert sorted(ns for ns in list_netns() if ns.startswith(prefix)) == [f"{prefix}1", f"{prefix}2"]
+
+
+def test_without_a_lease_pods_and_check_say_what_is_missing(vm, tmp_path):
+    host, prefix, _ = vm
+    missing = tmp_path / "none.env"
+    for args in (("pods",), ("check", "--iface", "eth1")):
+        proc = node_command(host, *args, "--subnet-file", missing, "--prefix", prefix)
+        assert proc.returncode == 1
+        assert f"{missing} has no FLANNEL_SUBNET (is flannel-bpf attach running?)" in proc.stderr
+    assert not [ns for ns in list_netns() if ns.startswith(prefix)]
+
+
+def test_check_without_a_data_plane_fails_naming_it(vm):
+    host, prefix, subnet_file = vm
+    proc = node_command(host, "check", "--iface", f"nope{secrets.token_hex(2)}",
+                        "--subnet-file", subnet_file, "--prefix", prefix)
+    assert proc.returncode == 1
+    assert "flannel-bpf status failed" in proc.stderr and "attach" in proc.stderr
+
+
+def test_pod_addresses():
+    assert [str(a) for a in pod_addresses(IPv4Network("10.244.3.0/24"), 3)] == \
+        ["10.244.3.2/24", "10.244.3.3/24", "10.244.3.4/24"]
+    assert len(pod_addresses(IPv4Network("10.244.3.0/24"), 200)) == 200
+    for bad in (0, 201):
+        with pytest.raises(NodeError, match="pod count must be 1..200"):
+            pod_addresses(IPv4Network("10.244.3.0/24"), bad)
+    with pytest.raises(NodeError, match="1..5 for 10.244.3.0/29"):
+        pod_addresses(IPv4Network("10.244.3.0/29"), 6)
