@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, replace
 
 from flannel_bpf.controller.config import NetworkConfig, load_network_config_file
-from flannel_bpf.controller.lease import Lease, LeaseAttrs
+from flannel_bpf.controller.lease import Lease, node_lease_attrs
 from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.registry import SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, SubnetManager
@@ -83,8 +83,8 @@ class Agent:
         if backend_type == "bpf":
             kwargs = dict(bridge=self.options.bridge, pin_dir=self.options.pin_dir)
         self.backend = backend_class(self.config.backend, self.uplink, **kwargs)
-        attrs = LeaseAttrs(public_ip=self.uplink.public_ip, backend_type=self.backend.lease_type,
-                           backend_data=self.backend.backend_data())
+        vtep_mac = getattr(self.backend, "vtep_mac", None)
+        attrs = node_lease_attrs(backend_type, self.uplink.public_ip, self.config.backend.vni, vtep_mac)
         self.manager = SubnetManager(
             self.registry, self.config, attrs, mtu=self.config.backend.pod_mtu(self.uplink.mtu),
             ip_masq=self.options.ip_masq, subnet_file=self.options.subnet_file, sink=self,
@@ -202,8 +202,8 @@ class Agent:
             "map_entries": entries,
             "counters": counters,
             "lease_expiry": lease.expires_at if lease else None,
-            "etcd_reconnects": getattr(self.manager, "reconnect_count", 0),
-            "lease_reacquired": getattr(self.manager, "reacquired_count", 0),
+            "etcd_reconnects": self.manager.reconnect_count if self.manager else 0,
+            "lease_reacquired": self.manager.reacquired_count if self.manager else 0,
         }
 
 

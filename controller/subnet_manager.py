@@ -116,6 +116,7 @@ class SubnetManager:
         self._threads: list[threading.Thread] = []
         self._reported_invalid: set[tuple[str, bytes]] = set()
         self.reacquired_count = 0
+        self.reconnect_count = 0  # etcd outages the watch came back from
 
     # -- public ------------------------------------------------------------------------------
 
@@ -349,10 +350,10 @@ class SubnetManager:
                 with self._stream_lock:
                     self._stream = None
 
-    @staticmethod
-    def _end_outage(outage: str | None) -> None:
-        """Log the end of an outage (if there was one); returns the new outage state, None."""
+    def _end_outage(self, outage: str | None) -> None:
+        """Log and count the end of an outage (if there was one); returns the new outage state, None."""
         if outage is not None:
+            self.reconnect_count += 1
             log.info("etcd watch re-established after: %s", outage)
 
     def _cancel_stream(self) -> None:

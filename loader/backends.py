@@ -1,8 +1,8 @@
 """The data-plane backends the node agent drives: `bpf`, and the stock-equivalent `vxlan` and
 `host-gw`. Each turns this node's lease and the peer leases into kernel state.
 
-The agent calls, in order: `backend_data()` (what to publish, before the lease exists),
-`start(lease)` (program this node; adopts what a previous agent left), then `apply(event)` per
+The agent publishes the lease (for vxlan and bpf with the `vtep_mac` the backend keeps from an
+existing device or makes), then calls `start(lease)` (program this node; adopts what a previous agent left), then `apply(event)` per
 peer event and `sync(peers)` to make the kernel match a full peer listing exactly;
 `reconcile()` every few seconds (attach points that appeared, local pods); `stop(cleanup)`.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from flannel_bpf.controller.config import BackendConfig
-from flannel_bpf.controller.lease import Lease, vxlan_backend_data
+from flannel_bpf.controller.lease import Lease
 from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader import attach, host_gw
@@ -61,9 +61,6 @@ class KernelBackend:
         self.programmed: dict[IPv4Network, Peer] = {}
         self._skipped: set[tuple] = set()
         self._lock = threading.Lock()
-
-    def backend_data(self) -> dict | None:
-        return None
 
     def start(self, lease: Lease) -> None:
         raise NotImplementedError
@@ -147,9 +144,6 @@ class VxlanBackend(KernelBackend):
         self.vtep_mac = existing_vtep_mac(config.vni) or random_vtep_mac()
         self.device = None
 
-    def backend_data(self) -> dict:
-        return vxlan_backend_data(self.config.vni, self.vtep_mac)
-
     def start(self, lease: Lease) -> None:
         self.kernel = KernelVxlanBackend(
             uplink=self.uplink.name, public_ip=self.uplink.ip, subnet=lease.subnet,
@@ -216,11 +210,14 @@ class BpfBackend(VxlanBackend):
         self._bridge_ifindex = 0
 
     def start(self, lease: Lease) -> None:
+        """Program this node for `lease`. Called again when our subnet changes: the programs
+        are compiled once per agent, only the node's config is rewritten."""
         super().start(lease)  # flannel.<VNI>: the routed device and safety net
         from flannel_bpf.loader.maps import NodeConfig
         from flannel_bpf.loader.program import load_programs
-        self.programs = load_programs(self.pin_dir)  # reuses pinned maps: state survives restarts
-        self.maps = self.programs.open_maps()
+        if self.programs is None:
+            self.programs = load_programs(self.pin_dir)  # reuses pinned maps: state survives restarts
+            self.maps = self.programs.maps
         with IPRoute() as ipr:
             uplink = ipr.link("get", index=self.uplink.ifindex)[0]
             self.decap_hook, self.decap_reason = choose_decap_hook(
@@ -230,12 +227,14 @@ class BpfBackend(VxlanBackend):
                 uplink_mac=uplink.get_attr("IFLA_ADDRESS"), uplink_ifindex=self.uplink.ifindex,
                 vni=self.config.vni, vxlan_port=self.config.udp_port, mtu=self.uplink.mtu,
                 vxlan_ifindex=self.device.ifindex)
+        self._bridge_ifindex = 0  # re-read by reconcile() below, into the new config
         self.maps.set_local_config(self.node)
         self._attach("tc_encap_from_host", self.device.name, "egress")
         if self.decap_hook == "xdp":
             attach.detach_tc(self.uplink.name, "ingress", "tc_decap")
             mode = attach.attach_xdp(self.uplink.name, self.programs.prog_fds["xdp_decap"], self.xdp_mode)
             self.attached[f"{self.uplink.name} xdp ({mode})"] = "xdp_decap"
+            loosen_rp_filter(self.uplink.name)
         else:
             attach.detach_xdp(self.uplink.name)
             self._attach("tc_decap", self.uplink.name, "ingress")
@@ -324,15 +323,27 @@ class BpfBackend(VxlanBackend):
     def stop(self, cleanup: bool) -> None:
         if cleanup:
             detach_bpf(self.uplink.name, self.config.vni, self.bridge, self.pin_dir)
-        if self.maps is not None:
-            self.maps.close()
         if self.programs is not None:
-            self.programs.close()  # attached programs stay in the kernel
+            self.programs.close()  # closes the maps too; attached programs stay in the kernel
         super().stop(cleanup)
 
     def describe(self) -> dict:
         return {**super().describe(), "decap_hook": self.decap_hook, "decap_reason": self.decap_reason,
                 "attached": dict(self.attached), "pin_dir": self.pin_dir}
+
+
+def loosen_rp_filter(uplink: str) -> None:
+    """XDP-decapped packets enter the stack on the uplink with a pod source address whose route
+    points at flannel.<VNI>: strict reverse-path filtering (1) would drop them. Loose (2) keeps
+    the spoofing check for addresses no route knows."""
+    from flannel_bpf.loader.netns import read_sysctl, write_sysctl
+    key = f"net/ipv4/conf/{uplink}/rp_filter"
+    if read_sysctl(key) == "1":
+        write_sysctl(key, 2)
+        log.info("%s: rp_filter strict -> loose, so XDP-decapped pod traffic is not dropped", uplink)
+    if read_sysctl("net/ipv4/conf/all/rp_filter") == "1":  # the kernel applies max(all, device)
+        log.warning("net.ipv4.conf.all.rp_filter is 1 (strict): XDP-decapped pod traffic will be "
+                    "dropped; set it to 0 or 2, or use --decap tc")
 
 
 def detach_bpf(uplink: str, vni: int, bridge: str, pin_dir: str) -> None:
