@@ -6,7 +6,6 @@ function works on the network namespace current for the calling thread, so it ca
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -19,6 +18,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE
 
+from flannel_bpf.loader import bpfsys
 from flannel_bpf.loader.netns import current_netns_name
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def _attach_xdp_mode(ipr: IPRoute, ifindex: int, prog_fd: int, mode: str) -> Non
         _set_xdp(ipr, ifindex, prog_fd, mode)
     except NetlinkError:
         for a in others:
-            fd = _check(_bpf().bpf_prog_get_fd_by_id(a.prog_id), f"reopen XDP program {a.prog_id}")
+            fd = bpfsys.prog_get_fd_by_id(a.prog_id)
             try:
                 _set_xdp(ipr, ifindex, fd, a.mode)
             finally:
@@ -279,27 +279,6 @@ def detach_xdp(dev: str | int) -> bool:
 
 # ---------------------------------------------------------------------------- pins
 
-_libbpf = None
-
-
-def _bpf():
-    global _libbpf
-    if _libbpf is None:
-        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-        lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-        lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-        lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
-        _libbpf = lib
-    return _libbpf
-
-
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        code = ctypes.get_errno() or -ret
-        raise OSError(code, f"{what}: {os.strerror(code)}")
-    return ret
-
-
 def program_id(fd: int) -> int:
     """The kernel's id of the BPF program (or map) behind an fd, from /proc/self/fdinfo."""
     for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
@@ -331,7 +310,7 @@ def pin_object(fd: int, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     if p.exists():
         p.unlink()
-    _check(_bpf().bpf_obj_pin(fd, str(p).encode()), f"pin fd {fd} at {p}")
+    bpfsys.obj_pin(fd, str(p))
     return p
 
 
@@ -342,7 +321,7 @@ pin_map = pin_object
 def open_pinned(path: str | Path) -> int:
     """A new fd for a pinned program or map; the caller closes it."""
     p = _under_bpffs(path)
-    return _check(_bpf().bpf_obj_get(str(p).encode()), f"open pinned {p}")
+    return bpfsys.obj_get(str(p))
 
 
 def unlink_pins(*paths: str | Path) -> list[Path]:

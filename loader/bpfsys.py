@@ -95,6 +95,8 @@ def libbpf() -> ctypes.CDLL:
     c_int, c_uint, c_vp = ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p
     sigs = {
         "bpf_obj_get": ([ctypes.c_char_p], c_int),
+        "bpf_obj_pin": ([c_int, ctypes.c_char_p], c_int),
+        "bpf_prog_get_fd_by_id": ([c_uint], c_int),
         "bpf_map_lookup_elem": ([c_int, c_vp, c_vp], c_int),
         "bpf_map_update_elem": ([c_int, c_vp, c_vp, ctypes.c_uint64], c_int),
         "bpf_map_delete_elem": ([c_int, c_vp], c_int),
@@ -126,6 +128,14 @@ def num_possible_cpus() -> int:
 def obj_get(path: str) -> int:
     """fd of a pinned BPF object."""
     return check(libbpf().bpf_obj_get(os.fsencode(path)), f"open pinned object {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    check(libbpf().bpf_obj_pin(fd, os.fsencode(path)), f"pin fd {fd} at {path}")
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    return check(libbpf().bpf_prog_get_fd_by_id(prog_id), f"open BPF program id {prog_id}")
 
 
 def map_info(fd: int) -> BpfMapInfo:
