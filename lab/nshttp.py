@@ -164,7 +164,7 @@ class PrefixWatch:
                         kind="delete" if ev.get("type") == "DELETE" else "put", key=_unb64(kv.get("key")),
                         value=_unb64(kv["value"]) if "value" in kv else None,
                         revision=int(kv.get("mod_revision", 0)), seen_at=now))
-        except (OSError, ValueError, http.client.HTTPException) as err:
+        except Exception as err:  # also what http.client raises once close() cut the stream
             if not self._created.is_set():
                 self._error = err
         finally:

@@ -1,0 +1,132 @@
+"""End-to-end test helpers: whole labs (etcd + agents + pods) and what they must leave behind."""
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import pytest
+
+from flannel_bpf.lab import orchestrator as orch
+from flannel_bpf.lab.run import PingResult, parse_ping, run_in_netns
+from flannel_bpf.lab.topology import Host, run_dir, state_path
+from flannel_bpf.loader.attach import PIN_ROOT
+from flannel_bpf.loader.netns import list_netns
+
+RUN_TAG = secrets.token_hex(2)
+OUR_ROUTE_PROTO = "251"   # routes the agents install carry this protocol number
+
+
+def lab_name(kind: str) -> str:
+    """Unique per run, so a crashed earlier run never collides with this one."""
+    return f"e2e{kind}{RUN_TAG}"
+
+
+def cli(*args: str, timeout: float = 180.0, netns: str | None = None) -> subprocess.CompletedProcess:
+    """`flannel-bpf ARGS` as a user runs it (optionally inside a namespace), output captured."""
+    argv = [sys.executable, "-m", "flannel_bpf", *args]
+    if netns:
+        argv = ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.01, what: str = "condition") -> float:
+    """Poll until predicate() is true; returns the seconds it took. Fails the test on timeout."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not true after {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def map_subnets(host: Host) -> set[IPv4Network]:
+    """Peer subnets in a bpf host's pinned peer map."""
+    from flannel_bpf.loader.maps import DataPlaneMaps
+    with DataPlaneMaps(host.agent.pin_dir) as maps:
+        return {p.subnet for p in maps.list_peers()}
+
+
+def peer_modes(host: Host) -> dict[IPv4Network, str]:
+    from flannel_bpf.loader.maps import DataPlaneMaps
+    with DataPlaneMaps(host.agent.pin_dir) as maps:
+        return {p.subnet: p.mode.name for p in maps.list_peers()}
+
+
+def route_subnets(host: Host) -> set[IPv4Network]:
+    """Remote subnets the host's kernel routes (the agent's routes, any backend)."""
+    out = run_in_netns(host.netns, ["ip", "-4", "-o", "route", "show", "proto", OUR_ROUTE_PROTO]).stdout
+    return {IPv4Network(line.split()[0]) for line in out.splitlines() if line.strip()}
+
+
+def programmed(host: Host, subnet: IPv4Network) -> bool:
+    """The host forwards to `subnet`: kernel route, and for bpf hosts also the map entry."""
+    if subnet not in route_subnets(host):
+        return False
+    return host.agent.backend != "bpf" or subnet in map_subnets(host)
+
+
+def forgotten(host: Host, subnet: IPv4Network) -> bool:
+    if subnet in route_subnets(host):
+        return False
+    return host.agent.backend != "bpf" or subnet not in map_subnets(host)
+
+
+def steady_ping(src_netns: str, dst_ip: str, count: int, interval: float) -> PingResult:
+    """`count` probes `interval` s apart, each answered within 1 s or lost. Bounded, but with
+    room for the slower pacing ping gets on a busy machine (10 ms probes go out ~17 ms apart here)."""
+    argv = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "1", dst_ip]
+    proc = run_in_netns(src_netns, argv, timeout=count * interval * 3 + 10, check=False)
+    return parse_ping(proc.stdout)
+
+
+def fake_lease(vtep_mac: str = "0a:58:00:00:00:99", public_ip: str = "198.18.0.99") -> str:
+    """A lease value as flannel writes it, for a node that never sends anything."""
+    return json.dumps({"PublicIP": public_ip, "PublicIPv6": None, "BackendType": "vxlan",
+                       "BackendData": {"VNI": 1, "VtepMAC": vtep_mac}}, separators=(",", ":"))
+
+
+def counters(host: Host) -> dict[str, int]:
+    return {name: packets for name, (packets, _) in orch.read_counters(host).items()}
+
+
+# ---------------------------------------------------------------------------- leftovers
+
+
+def root_snapshot() -> dict[str, set[str]]:
+    """Links, routes and iptables rules of the root namespace."""
+    def lines(argv):
+        return {line.strip() for line in subprocess.run(argv, capture_output=True, text=True,
+                                                        timeout=10).stdout.splitlines() if line.strip()}
+    return {
+        "links": {line.split(":")[1].strip().split("@")[0] for line in lines(["ip", "-o", "link", "show"])},
+        "routes": lines(["ip", "-4", "route", "show", "table", "all"]),
+        "iptables": lines(["iptables", "-S"]) | lines(["iptables", "-t", "nat", "-S"]),
+    }
+
+
+def assert_lab_gone(name: str, before: dict[str, set[str]]) -> None:
+    """No namespace, pin, process, file, root-namespace link, route or iptables rule of lab
+    `name` remains."""
+    assert [ns for ns in list_netns() if ns.startswith(f"fbpf-{name}-")] == []
+    if PIN_ROOT.is_dir():
+        assert [p.name for p in PIN_ROOT.iterdir() if p.name.startswith(f"fbpf-{name}-")] == []
+    marker = str(run_dir(name))
+    stray = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    stray.append(proc.name)
+            except OSError:
+                pass
+    assert stray == [], f"processes of lab {name} still run: {stray}"
+    assert not run_dir(name).exists() and not state_path(name).exists()
+    after = root_snapshot()
+    for kind in ("links", "routes", "iptables"):
+        assert after[kind] - before[kind] == set(), f"root namespace gained {kind}"
+

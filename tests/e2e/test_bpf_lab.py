@@ -1,0 +1,370 @@
+"""The default lab end to end: 3 bpf hosts x 2 pods brought up with `flannel-bpf lab up`, then
+reachability over the BPF path, joins and leaves, agent crashes under traffic, an etcd outage,
+and `lab down` leaving nothing behind. The tests share one lab and run in file order."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from flannel_bpf.lab import orchestrator as orch
+from flannel_bpf.lab.run import ping, run_in_netns, tcp_transfer
+from flannel_bpf.lab.topology import Host, Lab
+from flannel_bpf.loader.maps import DataPlaneMaps
+
+from e2e_lab import (assert_lab_gone, cli, counters, fake_lease, forgotten, lab_name, map_subnets,
+                      programmed, root_snapshot, steady_ping, wait_until)
+
+
+@dataclass
+class SharedLab:
+    name: str
+    lab: Lab
+    up_output: str
+    root_before: dict
+
+
+@pytest.fixture(scope="module")
+def shared():
+    name = lab_name("b")
+    before = root_snapshot()
+    try:
+        up = cli("lab", "up", "--name", name, timeout=240)
+        assert up.returncode == 0, f"lab up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+        yield SharedLab(name, Lab.load(name), up.stdout, before)
+    finally:
+        orch.down(name)
+
+
+def free_subnets(lab: Lab, count: int) -> list[IPv4Network]:
+    """Subnets no host holds, from the top of the pod network down."""
+    used = {IPv4Network(h.agent.subnet) for h in lab.hosts if h.agent and h.agent.subnet}
+    candidates = (IPv4Network(f"10.244.{n}.0/24") for n in range(254, 0, -1))
+    return [s for s in candidates if s not in used][:count]
+
+
+def original_hosts(lab: Lab) -> list[Host]:
+    return [h for h in lab.hosts if h.index <= 3]
+
+
+def test_lab_up_brings_up_three_bpf_hosts_that_all_reach_each_other(shared):
+    assert "all 30 pairs reach each other" in shared.up_output
+    lab = shared.lab
+    assert [h.agent.backend for h in lab.hosts] == ["bpf"] * 3
+    assert [len(h.pods) for h in lab.hosts] == [2, 2, 2]
+    assert lab.state.network_config["Backend"]["Type"] == "bpf"
+    for host in lab.hosts:  # pods sit in the host's leased subnet, with flannel's MTU
+        assert all(IPv4Network(p.address, strict=False) == IPv4Network(host.agent.subnet) for p in host.pods)
+        assert all(p.mtu == 1450 for p in host.pods)
+
+
+def test_pods_reach_each_other_by_ping_and_tcp_over_the_bpf_path(shared):
+    lab = shared.lab
+    before = {h.index: counters(h) for h in lab.hosts}
+    matrix = orch.ping_matrix(lab)
+    assert matrix.ok, [(orch.pod_label(s), orch.pod_label(d), r) for s, d, r in matrix.failures]
+
+    pods = orch.all_pods(lab)
+    pairs = [(s, d) for s in pods for d in pods if s is not d]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        intact = list(pool.map(lambda pair: tcp_transfer(pair[0].netns, pair[1].netns, pair[1].ip,
+                                                         nbytes=1 << 20), pairs))
+    assert [(orch.pod_label(s), orch.pod_label(d)) for (s, d), ok in zip(pairs, intact) if not ok] == []
+
+    # Each host's pods sent 16 echo requests to remote pods and answered 16: at least 32 packets
+    # each way went through the programs (TCP adds more).
+    for host in lab.hosts:
+        after = counters(host)
+        grew = {k: after[k] - before[host.index][k] for k in ("encap_vxlan", "decap_to_pod")}
+        assert grew["encap_vxlan"] >= 32 and grew["decap_to_pod"] >= 32, (host.index, grew)
+
+
+def test_host_reaches_remote_pods_through_flannel_vxlan_device(shared):
+    lab = shared.lab
+    before = {h.index: counters(h)["encap_vxlan"] for h in lab.hosts}
+    pairs = [(h, p) for h in lab.hosts for other in lab.hosts if other is not h for p in other.pods]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda hp: ping(hp[0].netns, hp[1].ip, count=2, wait=1.0), pairs))
+    assert [(h.index, p.ip) for (h, p), r in zip(pairs, results) if not r.ok] == []
+    for host in lab.hosts:  # 4 remote pods x 2 probes, encapsulated by tc_encap_from_host
+        assert counters(host)["encap_vxlan"] - before[host.index] >= 8
+
+
+def test_status_json_matches_etcd_and_ping_command(shared):
+    import json
+    lab = shared.lab
+    status = cli("lab", "status", "--name", shared.name, "--json", timeout=30)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["underlay"]["netns"] == lab.state.underlay_netns
+    assert info["underlay"]["bridges"][0] == {"name": "br-ul", "address": "198.18.0.254/24"}
+    assert info["etcd"]["endpoints"] == ["http://198.18.0.254:2379"]
+    assert info["etcd"]["prefix"] == "/coreos.com/network"
+    assert info["backends"] == {h.netns: "bpf" for h in lab.hosts}
+    assert "198.18.0.14/24" in info["join"]["free_addresses"]
+
+    etcd = orch.etcd_client(lab)
+    assert json.loads(etcd.get("/coreos.com/network/config")) == info["network_config"]
+    leases = etcd.get_prefix("/coreos.com/network/subnets/")
+    for host in info["hosts"]:
+        assert host["agent"]["running"] and host["agent"]["ready"]
+        lease = json.loads(leases[orch.lease_key(lab, host["subnet"])])
+        assert lease["PublicIP"] == host["address"].split("/")[0]
+        assert lease["BackendType"] == "vxlan"  # bpf nodes publish what stock nodes accept
+        assert len(host["pods"]) == 2
+
+    table = cli("lab", "status", "--name", shared.name, timeout=30)
+    assert table.returncode == 0 and "etcd1" in table.stdout
+    matrix = cli("lab", "ping", "--name", shared.name, timeout=60)
+    assert matrix.returncode == 0 and "all 30 pairs reach each other" in matrix.stdout, matrix.stdout
+
+
+def test_health_readiness_and_metrics(shared):
+    host = shared.lab.host(1)
+    from flannel_bpf.lab.nshttp import http_get
+    base = f"http://127.0.0.1:{host.agent.healthz_port}"
+    assert http_get(host.netns, base + "/healthz")[0] == 200
+    assert orch.readyz(host) == 200
+    families = {f.name: f for f in text_string_to_metric_families(orch.metrics_text(host))}
+    assert families["flannel_bpf_ready"].samples[0].value == 1
+    assert families["flannel_bpf_peers"].samples[0].value == 2
+    entries = {s.labels["map"]: s.value for s in families["flannel_bpf_map_entries"].samples}
+    assert entries["peers"] == 2 and entries["endpoints"] >= 2
+    packets = {s.labels["verdict"]: s.value for s in families["flannel_bpf_packets"].samples
+               if s.name == "flannel_bpf_packets_total"}
+    assert packets["encap_vxlan"] > 0 and packets["decap_to_pod"] > 0
+
+
+# ---------------------------------------------------------------------------- a host joins and leaves
+
+
+@dataclass
+class Join:
+    host: Host
+    subnet: IPv4Network
+    peers_programmed_after: dict[int, float]   # host index -> s after the lease put
+    first_ping_after: float
+    ready_after: float
+
+
+def _watch_peer_maps(hosts: list[Host], subnet: IPv4Network, present: bool, start: float,
+                     timeout: float) -> dict[int, float]:
+    """Seconds after `start` at which each host's peer map got (or lost) `subnet`, polling
+    every 2 ms; hosts that never did are missing."""
+    seen: dict[int, float] = {}
+    maps = {h.index: DataPlaneMaps(h.agent.pin_dir) for h in hosts}
+    try:
+        deadline = time.monotonic() + timeout
+        while len(seen) < len(hosts) and time.monotonic() < deadline:
+            for index, m in maps.items():
+                if index not in seen and (any(p.subnet == subnet for p in m.list_peers()) == present):
+                    seen[index] = time.monotonic() - start
+            time.sleep(0.002)
+    finally:
+        for m in maps.values():
+            m.close()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def joined(shared):
+    """Host 4 joins the running lab (agent with --cleanup-on-exit), timed from its lease put."""
+    lab = shared.lab
+    old = original_hosts(lab)
+    prefix = lab.state.etcd.prefix + "/subnets/"
+    with orch.etcd_client(lab).watch_prefix(prefix) as watch:
+        host = lab.add_host()
+        try:
+            orch.start_agent(lab, host.index, "bpf", extra_args=["--cleanup-on-exit"])
+            put = None
+            while put is None or put.kind != "put":
+                put = watch.next(timeout=30)
+                assert put is not None, "host 4's lease never appeared in etcd"
+            subnet = IPv4Network(put.key.removeprefix(prefix).replace("-", "/"))
+            maps_result: dict = {}
+            poller = threading.Thread(target=lambda: maps_result.update(
+                _watch_peer_maps(old, subnet, True, put.seen_at, 10.0)))
+            poller.start()
+            orch.wait_for_subnet(lab, host.index)
+            pod, = orch.add_pods(lab, host.index, 1)
+            source = old[0].pods[0]
+            deadline = time.monotonic() + 30
+            while not ping(source.netns, pod.ip, count=1, wait=0.1).ok:
+                assert time.monotonic() < deadline, "the new host's pod never became reachable"
+            first_ping = time.monotonic() - put.seen_at
+            orch.wait_ready(lab, [host.index])
+            ready = time.monotonic() - put.seen_at
+            poller.join()
+        except BaseException:
+            lab.remove_host(host.index)
+            raise
+    print(f"\njoin: peers programmed {maps_result} s, first ping {first_ping:.3f} s, "
+          f"agent ready {ready:.3f} s after the lease put")
+    yield Join(host, subnet, maps_result, first_ping, ready)
+    if host in lab.hosts:
+        lab.remove_host(host.index)
+
+
+def test_joining_host_is_programmed_on_every_peer_within_a_second(shared, joined):
+    assert sorted(joined.peers_programmed_after) == [1, 2, 3]
+    assert max(joined.peers_programmed_after.values()) < 1.0, joined.peers_programmed_after
+    lab = shared.lab
+    for host in original_hosts(lab):
+        assert programmed(host, joined.subnet)
+    new_pod = joined.host.pods[0]
+    for pod in orch.all_pods(lab):
+        if pod is not new_pod:
+            assert ping(pod.netns, new_pod.ip, count=2).ok and ping(new_pod.netns, pod.ip, count=2).ok
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the joining agent compiles its BPF programs (1.5-7 s on 2 cores) only after its lease is "
+    "in etcd (controller/agent.py Agent.start -> BpfBackend.start), so peers send to it before "
+    "it can answer; fix: load the programs before manager.start()"))
+def test_joining_hosts_pods_answer_within_a_second_of_its_lease(joined):
+    assert joined.first_ping_after < 1.0
+
+
+def test_leaving_host_with_cleanup_releases_lease_and_peers_forget_it(shared, joined):
+    lab = shared.lab
+    old = original_hosts(lab)
+    prefix = lab.state.etcd.prefix + "/subnets/"
+    key = orch.lease_key(lab, joined.subnet)
+    with orch.etcd_client(lab).watch_prefix(prefix) as watch:
+        # Not waiting for the agent to exit first: its lease goes before its own data plane.
+        stopping = ThreadPoolExecutor(max_workers=1)
+        stopped = stopping.submit(orch.stop_agent, lab, joined.host.index, signal.SIGTERM)
+        gone = watch.wait_for(key, "delete", timeout=10)
+        assert gone is not None, "the lease was not released"
+        forgot = _watch_peer_maps(old, joined.subnet, False, gone.seen_at, 10.0)
+        assert stopped.result(timeout=20)
+        stopping.shutdown()
+    print(f"\nleave: peers forgot the subnet {forgot} s after the lease delete")
+    assert sorted(forgot) == [1, 2, 3] and max(forgot.values()) < 1.0, forgot
+    for host in old:
+        assert forgotten(host, joined.subnet)
+    # --cleanup-on-exit: its own data plane is gone too.
+    assert "bpf" not in run_in_netns(joined.host.netns, ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+    assert "flannel.1" not in run_in_netns(joined.host.netns, ["ip", "-o", "link"]).stdout
+    lab.remove_host(joined.host.index)
+
+
+def test_expired_lease_is_forgotten_by_every_peer(shared):
+    """A node that died: its lease runs out (etcd deletes the key) and every peer drops it."""
+    lab = shared.lab
+    hosts = original_hosts(lab)
+    subnet, = free_subnets(lab, 1)
+    etcd = orch.etcd_client(lab)
+    prefix = lab.state.etcd.prefix + "/subnets/"
+    key = orch.lease_key(lab, subnet)
+    with etcd.watch_prefix(prefix) as watch:
+        put_revision = etcd.put(key, fake_lease("0a:58:00:00:00:04"), lease=etcd.grant_lease(2))
+        put = watch.wait_for(key, "put", timeout=5)
+        assert put is not None and put.revision == put_revision
+        programmed_after = _watch_peer_maps(hosts, subnet, True, put.seen_at, 5.0)
+        assert sorted(programmed_after) == [1, 2, 3], programmed_after
+        expired = watch.wait_for(key, "delete", timeout=10)
+        assert expired is not None, "the 2 s lease did not expire"
+        forgot = _watch_peer_maps(hosts, subnet, False, expired.seen_at, 10.0)
+    print(f"\nexpiry: programmed {programmed_after} s after the put, forgotten {forgot} s after the expiry")
+    assert sorted(forgot) == [1, 2, 3] and max(forgot.values()) < 1.0, forgot
+    for host in hosts:
+        assert forgotten(host, subnet)
+
+
+# ---------------------------------------------------------------------------- crashes and outages
+
+
+def _continuous_ping(src, dst, count: int, interval: float):
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(steady_ping, src.netns, dst.ip, count, interval)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_kill9_under_traffic_loses_nothing_and_restart_reconciles(shared):
+    lab = shared.lab
+    etcd = orch.etcd_client(lab)
+    gone_while_down, added_while_down = free_subnets(lab, 2)
+    h1, h2 = lab.host(1), lab.host(2)
+    key_gone, key_added = orch.lease_key(lab, gone_while_down), orch.lease_key(lab, added_while_down)
+    etcd.put(key_gone, fake_lease("0a:58:00:00:00:01"))
+    try:
+        wait_until(lambda: programmed(h1, gone_while_down), 5, what="fake peer programmed on host 1")
+        # 500 probes 10 ms apart (5-9 s): across the crash and the restart's recompile.
+        pinging = _continuous_ping(h2.pods[0], h1.pods[0], count=500, interval=0.01)
+        time.sleep(0.5)
+        assert orch.stop_agent(lab, 1, signal.SIGKILL)
+        etcd.delete(key_gone)
+        etcd.put(key_added, fake_lease("0a:58:00:00:00:02"))
+        orch.start_agent(lab, 1, "bpf")
+        orch.wait_ready(lab, [1])
+        restarted_ready = time.monotonic()
+        result = pinging.result(timeout=30)
+        ping_end = time.monotonic()
+        assert restarted_ready < ping_end - 0.5, "the restart finished after the ping: test covered less than it claims"
+        assert result.sent == 500 and result.received == 500, result
+        # The restarted agent made its maps and routes match etcd as it is now.
+        assert forgotten(h1, gone_while_down)
+        assert programmed(h1, added_while_down)
+        assert map_subnets(h1) == {IPv4Network(h.agent.subnet) for h in original_hosts(lab) if h is not h1} | {added_while_down}
+    finally:
+        etcd.delete(key_gone)
+        etcd.delete(key_added)
+    for host in original_hosts(lab):
+        wait_until(lambda: forgotten(host, added_while_down), 5, what="fake peer removed")
+
+
+def test_etcd_outage_keeps_forwarding_and_agents_resync(shared):
+    lab = shared.lab
+    hosts = original_hosts(lab)
+    outage = 20.0
+    metrics_before = _etcd_reconnects(hosts[0])
+    orch.stop_etcd(lab)
+    stopped = time.monotonic()
+    try:
+        pinging = _continuous_ping(hosts[0].pods[0], hosts[2].pods[1], count=300, interval=0.05)
+        matrix = orch.ping_matrix(lab)
+        assert matrix.ok, [(orch.pod_label(s), orch.pod_label(d)) for s, d, _ in matrix.failures]
+        result = pinging.result(timeout=30)
+        assert result.sent == 300 and result.received == 300, result
+        assert all(orch.agent_running(h) for h in hosts), "an agent died while etcd was away"
+        time.sleep(max(0.0, outage - (time.monotonic() - stopped)))
+    finally:
+        orch.start_etcd_again(lab)
+    new_peer, = free_subnets(lab, 1)
+    key = orch.lease_key(lab, new_peer)
+    etcd = orch.etcd_client(lab)
+    etcd.put(key, fake_lease("0a:58:00:00:00:03"))
+    try:
+        for host in hosts:  # reconnect backoff tops out at 5 s
+            took = wait_until(lambda: programmed(host, new_peer), 20, what=f"host {host.index} resynced")
+            print(f"\nhost {host.index} programmed a lease put after the outage in {took:.2f} s")
+        assert _etcd_reconnects(hosts[0]) > metrics_before
+    finally:
+        etcd.delete(key)
+    for host in hosts:
+        wait_until(lambda: forgotten(host, new_peer), 10, what="lease deleted after the outage")
+    assert orch.ping_matrix(lab).ok
+
+
+def _etcd_reconnects(host: Host) -> float:
+    families = {f.name: f for f in text_string_to_metric_families(orch.metrics_text(host))}
+    return families["flannel_bpf_etcd_reconnects"].samples[0].value
+
+
+# ---------------------------------------------------------------------------- teardown
+
+
+def test_lab_down_leaves_nothing_behind(shared):
+    down = cli("lab", "down", "--name", shared.name, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert_lab_gone(shared.name, shared.root_before)
+    again = cli("lab", "down", "--name", shared.name, timeout=60)
+    assert again.returncode == 0 and "nothing to remove" in again.stdout
