@@ -8,7 +8,7 @@ say() { printf 'setup: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (BPF, netns, apt)" >&2; exit 1; }
 
 DEBS=(python3-bpfcc python3-venv etcd-server iproute2 iperf3 ethtool tcpdump iptables
-      linux-headers-amd64 libbpf1 procps iputils-ping)
+      linux-headers-amd64 libbpf1 procps iputils-ping sockperf curl)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -53,7 +53,7 @@ fi
 stamp=.venv/.flannel-bpf-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   say "installing flannel-bpf and its Python dependencies into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
   touch "$stamp"
 else
   say "Python packages present"

@@ -1,0 +1,197 @@
+"""Pod-to-pod network benchmark: every backend side by side, in one run.
+
+One two-host lab per path is brought up at once (hosts are namespaces, so they coexist):
+bpf with tc decap, bpf with XDP decap, kernel vxlan as flanneld sets it up, host-gw; the bare
+underlay is measured host to host in the vxlan lab. Rounds are interleaved (for each round,
+for each measurement, every path in turn), so machine noise hits all paths alike; medians are
+reported, with ratios against kernel vxlan and the underlay from the same run.
+
+Measurements (client and server pinned apart with iperf3 -A / taskset, bounded durations):
+TCP throughput with 1 and 4 streams, UDP 64-byte packet rate (received), request/response
+latency p50/p99 (sockperf ping-pong, full round trip), CPU seconds per GB moved (all CPUs'
+busy time during the single-stream TCP run, from /proc/stat).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+
+from flannel_bpf.lab.bench_common import median, metric
+from flannel_bpf.lab.orchestrator import LabSpec, down, up
+from flannel_bpf.lab.run import nsenter_argv, popen_in_netns, run_in_netns
+from flannel_bpf.lab.topology import Lab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Path:
+    name: str
+    spec: LabSpec | None        # None: measured host to host in another path's lab
+    underlay_of: str = ""       # for the underlay: the path whose lab it uses
+
+
+PATHS = (
+    Path("bpf-tc", LabSpec(name="bn-bpftc", hosts=2, pods=1, backend="bpf", decap="tc")),
+    Path("bpf-xdp", LabSpec(name="bn-bpfxdp", hosts=2, pods=1, backend="bpf", decap="xdp")),
+    Path("vxlan", LabSpec(name="bn-vxlan", hosts=2, pods=1, backend="vxlan")),
+    Path("host-gw", LabSpec(name="bn-hostgw", hosts=2, pods=1, backend="host-gw")),
+    Path("underlay", None, underlay_of="vxlan"),
+)
+MEASUREMENTS = ("tcp1", "tcp4", "udp64", "rr")
+IPERF_PORT = 5201
+SOCKPERF_PORT = 11111
+CLIENT_CPU, SERVER_CPU = 0, 1
+
+
+@dataclass
+class Endpoints:
+    """Where a path's traffic starts and ends: two namespaces and the server's address."""
+    client_ns: str
+    server_ns: str
+    server_ip: str
+
+
+def endpoints(path: Path, labs: dict[str, Lab]) -> Endpoints:
+    if path.spec is None:
+        lab = labs[path.underlay_of]
+        return Endpoints(lab.host(1).netns, lab.host(2).netns, str(lab.host(2).ip))
+    lab = labs[path.name]
+    client, server = lab.host(1).pods[0], lab.host(2).pods[0]
+    return Endpoints(client.netns, server.netns, server.ip)
+
+
+def start_servers(ep: Endpoints) -> None:
+    """iperf3 and sockperf servers, pinned; they die with the lab's namespaces."""
+    for argv in (["taskset", "-c", str(SERVER_CPU), "iperf3", "-s", "-p", str(IPERF_PORT)],
+                 ["taskset", "-c", str(SERVER_CPU), "sockperf", "server", "-i", ep.server_ip,
+                  "-p", str(SOCKPERF_PORT)]):
+        popen_in_netns(ep.server_ns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the servers are up when the port answers
+        done = run_in_netns(ep.client_ns, ["iperf3", "-c", ep.server_ip, "-p", str(IPERF_PORT), "-n", "1K"],
+                            check=False, timeout=5)
+        if done.returncode == 0:
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"iperf3 server in {ep.server_ns} did not answer")
+
+
+def busy_cpu_seconds() -> float:
+    """All CPUs' non-idle time so far (user+nice+system+irq+softirq+steal), in seconds."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def iperf(ep: Endpoints, seconds: float, *extra: str) -> dict:
+    argv = ["iperf3", "-c", ep.server_ip, "-p", str(IPERF_PORT), "-t", str(max(1, round(seconds))), "-J",
+            "-A", f"{CLIENT_CPU},{SERVER_CPU}", *extra]
+    done = run_in_netns(ep.client_ns, argv, check=False, timeout=seconds + 20)
+    try:
+        result = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"iperf3 gave no JSON: {done.stderr.strip() or done.stdout[:200]}") from None
+    if "error" in result:
+        raise RuntimeError(f"iperf3: {result['error']}")
+    return result["end"]
+
+
+_PERCENTILE = re.compile(r"percentile\s+(\d+\.\d+)\s*=\s*([\d.]+)")
+
+
+def measure(kind: str, ep: Endpoints, seconds: float) -> dict:
+    """One measurement; returns {name: value} (several figures for some kinds)."""
+    if kind == "tcp1":
+        before = busy_cpu_seconds()
+        end = iperf(ep, seconds)
+        cpu = busy_cpu_seconds() - before
+        moved = end["sum_received"]["bytes"]
+        return {"tcp1_gbps": end["sum_received"]["bits_per_second"] / 1e9,
+                "cpu_s_per_gb": cpu / (moved / 1e9) if moved else None}
+    if kind == "tcp4":
+        return {"tcp4_gbps": iperf(ep, seconds, "-P", "4")["sum_received"]["bits_per_second"] / 1e9}
+    if kind == "udp64":
+        total = iperf(ep, seconds, "-u", "-l", "64", "-b", "0")["sum"]
+        return {"udp64_kpps": (total["packets"] - total["lost_packets"]) / total["seconds"] / 1e3}
+    if kind == "rr":
+        argv = ["taskset", "-c", str(CLIENT_CPU), "sockperf", "ping-pong", "-i", ep.server_ip,
+                "-p", str(SOCKPERF_PORT), "-t", f"{max(1, round(seconds))}", "--full-rtt"]
+        done = run_in_netns(ep.client_ns, argv, check=False, timeout=seconds + 20)
+        percentiles = {float(p): float(v) for p, v in _PERCENTILE.findall(done.stdout + done.stderr)}
+        if 50.0 not in percentiles:
+            raise RuntimeError(f"sockperf gave no percentiles: {done.stderr.strip()[-200:]}")
+        return {"rr_p50_us": percentiles[50.0], "rr_p99_us": percentiles.get(99.0)}
+    raise ValueError(kind)
+
+
+def run(rounds: int = 3, seconds: float = 3.0, paths: tuple[Path, ...] = PATHS,
+        progress=None) -> tuple[list[dict], dict]:
+    """Bring the labs up, measure, take them down. Returns (results, raw samples)."""
+    labs: dict[str, Lab] = {}
+    samples: dict[str, dict[str, list[float]]] = {p.name: {} for p in paths}
+    try:
+        for path in paths:
+            if path.spec is not None:
+                down(path.spec.name)  # a lab left by a killed run
+                labs[path.name] = up(path.spec)
+        eps = {p.name: endpoints(p, labs) for p in paths}
+        for ep in eps.values():
+            start_servers(ep)
+        total = rounds * len(MEASUREMENTS) * len(paths)
+        if progress:
+            progress.stage("measuring", total)
+        for _ in range(rounds):
+            for kind in MEASUREMENTS:
+                for path in paths:
+                    try:
+                        figures = measure(kind, eps[path.name], seconds)
+                    except (RuntimeError, subprocess.TimeoutExpired) as err:
+                        log.warning("%s %s: %s", path.name, kind, err)
+                        figures = {}
+                    for name, value in figures.items():
+                        if value is not None:
+                            samples[path.name].setdefault(name, []).append(value)
+                    if progress:
+                        progress.advance("measuring")
+    finally:
+        for path in paths:
+            if path.spec is not None:
+                down(path.spec.name)
+    return summarize(samples), samples
+
+
+UNITS = {"tcp1_gbps": "Gb/s", "tcp4_gbps": "Gb/s", "udp64_kpps": "kpps", "rr_p50_us": "us",
+         "rr_p99_us": "us", "cpu_s_per_gb": "CPU s/GB"}
+HIGHER_IS_BETTER = {"tcp1_gbps", "tcp4_gbps", "udp64_kpps"}
+# Issue 5's targets, as (figure, reference path, comparator, ratio).
+TARGETS = (
+    ("udp64_kpps", "vxlan", ">=", 2.0), ("udp64_kpps", "host-gw", ">=", 1.0),
+    ("tcp1_gbps", "vxlan", ">=", 1.3), ("tcp4_gbps", "vxlan", ">=", 1.3),
+    ("tcp1_gbps", "underlay", ">=", 0.9), ("tcp4_gbps", "underlay", ">=", 0.9),
+    ("rr_p50_us", "vxlan", "<=", 0.75),
+)
+
+
+def summarize(samples: dict[str, dict[str, list[float]]]) -> list[dict]:
+    medians = {path: {name: median(values) for name, values in figures.items() if values}
+               for path, figures in samples.items()}
+    results = []
+    for path, figures in medians.items():
+        for name, value in sorted(figures.items()):
+            ratios = {f"vs_{ref}": round(value / medians[ref][name], 3)
+                      for ref in ("vxlan", "underlay") if medians.get(ref, {}).get(name)}
+            results.append(metric(f"net.{path}.{name}", round(value, 3), UNITS[name],
+                                  samples=len(samples[path][name]), **ratios))
+    for bpf in (p for p in medians if p.startswith("bpf")):
+        for name, ref, comparator, bound in TARGETS:
+            ours, theirs = medians[bpf].get(name), medians.get(ref, {}).get(name)
+            ratio = round(ours / theirs, 3) if ours and theirs else None
+            results.append(metric(f"net.{bpf}.{name}.vs_{ref}", ratio, "ratio", target=(comparator, bound)))
+    return results
