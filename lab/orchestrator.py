@@ -35,7 +35,7 @@ from flannel_bpf.lab.run import PingResult, nsenter_argv, ping
 from flannel_bpf.lab.topology import (DEFAULT_LAB, POD_NETWORK, UNDERLAY_BRIDGE_ADDRESS,
                                       UNDERLAY_BRIDGES, AgentState, DestroyReport,
                                       EtcdMemberState, EtcdState, Host, Lab, LabError, Pod,
-                                      destroy, run_dir)
+                                      destroy, list_labs, run_dir)
 from flannel_bpf.loader.attach import default_pin_dir
 from flannel_bpf.loader.netns import in_netns
 
@@ -395,6 +395,9 @@ def up(spec: LabSpec, progress: Progress = NoProgress(), keep_on_failure: bool =
     spec.validate()
     backends = spec.host_backends()
     config = network_config(backends, spec.vni, spec.direct_routing)
+    if spec.name in list_labs():
+        raise LabError(f"lab {spec.name} is already up (see: flannel-bpf lab status --name {spec.name}); "
+                       f"remove it first with: flannel-bpf lab down --name {spec.name}")
     progress.stage("topology", 1)
     lab = Lab.create(spec.name, spec.hosts, spec.second_subnet)
     progress.advance("topology")

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.nshttp import http_get
 from flannel_bpf.lab.run import run_in_netns
-from flannel_bpf.lab.topology import Lab
+from flannel_bpf.lab.topology import Lab, list_labs
 
 from e2e_lab import (assert_lab_gone, cli, fake_lease, lab_name, programmed, root_snapshot,
                      route_subnets, wait_until)
@@ -73,6 +73,13 @@ def test_readyz_is_503_until_config_lease_and_data_plane_then_200(single):
     assert programmed(host, PEER)
 
 
+def test_lab_up_refuses_a_lab_that_is_already_up(single):
+    lab, _ = single
+    with pytest.raises(orch.LabError, match="already up"):
+        orch.up(orch.LabSpec(name=lab.name, hosts=1))
+    assert lab.name in list_labs() and orch.agent_running(lab.host(1))  # and left it alone
+
+
 def test_detach_in_the_host_namespace_removes_everything_the_agent_made(single):
     lab, _ = single
     host = lab.host(1)
@@ -106,3 +113,16 @@ def test_lab_down_leaves_nothing_behind(single):
     report = orch.down(lab.name)
     assert lab.state.underlay_netns in report.namespaces
     assert_lab_gone(lab.name, before)
+
+
+def test_lab_up_that_fails_says_which_agent_and_why_and_removes_the_lab():
+    name = lab_name("f")
+    try:
+        with pytest.raises(orch.LabError) as failure:
+            orch.up(orch.LabSpec(name=name, hosts=1, pods=1, agent_args=("--no-such-flag",)))
+        message = str(failure.value)
+        assert "host 1" in message and "exited before writing subnet.env" in message
+        assert "unrecognized arguments: --no-such-flag" in message  # the agent log's tail
+        assert name not in list_labs()
+    finally:
+        orch.down(name)
