@@ -116,7 +116,7 @@ def run_up(args: argparse.Namespace) -> int:
         with _progress(console) as bars:
             lab = orch.up(spec, RichProgress(bars), keep_on_failure=args.keep_on_failure)
     except LabError as err:
-        log.error("lab %s did not come up: %s", args.name, err)
+        log.error("%s", err)
         return 1
     _print_hosts(console, orch.describe(lab))
     if args.no_ping:

@@ -4,18 +4,21 @@ and `lab down` leaving nothing behind. The tests share one lab and run in file o
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flannel_bpf.controller.subnet_env import read_subnet_env
 from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.run import ping, run_in_netns, tcp_transfer
-from flannel_bpf.lab.topology import Host, Lab
+from flannel_bpf.lab.topology import Host, Lab, run_dir
 from flannel_bpf.loader.maps import DataPlaneMaps
 
 from e2e_lab import (assert_lab_gone, cli, counters, fake_lease, forgotten, lab_name, map_subnets,
@@ -123,6 +126,46 @@ def test_status_json_matches_etcd_and_ping_command(shared):
     assert table.returncode == 0 and "etcd1" in table.stdout
     matrix = cli("lab", "ping", "--name", shared.name, timeout=60)
     assert matrix.returncode == 0 and "all 30 pairs reach each other" in matrix.stdout, matrix.stdout
+
+
+def test_a_host_of_your_own_joins_with_only_what_status_json_tells(shared):
+    """Plug a node into the running lab as its JSON describes (veth into the underlay bridge, a
+    free address, attach with the etcd endpoints): here a stock-style vxlan node."""
+    import json
+    import subprocess
+    info = json.loads(cli("lab", "status", "--name", shared.name, "--json", timeout=30).stdout)
+    join = info["join"]
+    own = f"fbpf-{shared.name}-h9"   # the lab's naming, so `lab down` would also take it
+    address = join["free_addresses"][-1]
+    subnet_file = Path(run_dir(shared.name)) / "own-host.env"
+    ul = join["underlay_netns"]
+    agent = None
+    try:
+        subprocess.run(["ip", "netns", "add", own], check=True, timeout=10)
+        run_in_netns(ul, ["ip", "link", "add", "own9", "type", "veth", "peer", "name", "eth0",
+                          "netns", own])
+        run_in_netns(ul, ["ip", "link", "set", "own9", "master", join["bridge"], "up"])
+        run_in_netns(own, ["ip", "addr", "add", address, "dev", "eth0"])
+        run_in_netns(own, ["ip", "link", "set", "eth0", "up"])
+        agent = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{own}", "--", sys.executable, "-m", "flannel_bpf", "attach",
+             "--iface", "eth0", "--etcd-endpoints", join["etcd_endpoints"], "--etcd-prefix",
+             join["etcd_prefix"], "--backend", "vxlan", "--subnet-file", str(subnet_file),
+             "--cleanup-on-exit"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_until(subnet_file.exists, 30, 0.05, "a lease for the host of our own")
+        gateway = IPv4Interface(read_subnet_env(subnet_file)["FLANNEL_SUBNET"])
+        for host in shared.lab.hosts:
+            wait_until(lambda: programmed(host, gateway.network), 5, what=f"host {host.index} programs it")
+        # A pod reaches the new node's flannel.1 address (its subnet's .0) and back.
+        vtep_ip = str(gateway.network.network_address)
+        assert ping(shared.lab.host(2).pods[0].netns, vtep_ip, count=2).ok
+    finally:
+        if agent is not None:
+            agent.terminate()
+            agent.wait(20)
+        subprocess.run(["ip", "netns", "del", own], timeout=10)
+    for host in shared.lab.hosts:
+        wait_until(lambda: forgotten(host, gateway.network), 5, what=f"host {host.index} forgets it")
 
 
 def test_health_readiness_and_metrics(shared):
