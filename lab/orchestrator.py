@@ -435,11 +435,15 @@ def join_host(lab: Lab, backend: str, pods: int = 1, *, on_second_subnet: bool =
     """A node joining a running lab: new host namespace, its agent, its pods; with `wait`,
     returns once its agent is ready."""
     host = lab.add_host(on_second_subnet)
-    start_agent(lab, host.index, backend, decap=decap, extra_args=extra_args)
-    wait_for_subnet(lab, host.index)
-    add_pods(lab, host.index, pods)
-    if wait:
-        wait_ready(lab, [host.index])
+    try:
+        start_agent(lab, host.index, backend, decap=decap, extra_args=extra_args)
+        wait_for_subnet(lab, host.index)
+        add_pods(lab, host.index, pods)
+        if wait:
+            wait_ready(lab, [host.index])
+    except BaseException:
+        lab.remove_host(host.index)
+        raise
     return host
 
 

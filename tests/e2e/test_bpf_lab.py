@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flannel_bpf.controller.subnet_env import read_subnet_env
 from flannel_bpf.lab import orchestrator as orch
+from flannel_bpf.lab.nshttp import http_get
 from flannel_bpf.lab.run import ping, run_in_netns, tcp_transfer
 from flannel_bpf.lab.topology import Host, Lab, run_dir
 from flannel_bpf.loader.maps import DataPlaneMaps
@@ -147,12 +147,16 @@ def test_a_host_of_your_own_joins_with_only_what_status_json_tells(shared):
         run_in_netns(ul, ["ip", "link", "set", "own9", "master", join["bridge"], "up"])
         run_in_netns(own, ["ip", "addr", "add", address, "dev", "eth0"])
         run_in_netns(own, ["ip", "link", "set", "eth0", "up"])
-        agent = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{own}", "--", sys.executable, "-m", "flannel_bpf", "attach",
-             "--iface", "eth0", "--etcd-endpoints", join["etcd_endpoints"], "--etcd-prefix",
-             join["etcd_prefix"], "--backend", "vxlan", "--subnet-file", str(subnet_file),
-             "--cleanup-on-exit"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_until(subnet_file.exists, 30, 0.05, "a lease for the host of our own")
+        run_in_netns(own, ["ip", "link", "set", "lo", "up"])
+        with open(run_dir(shared.name) / "own-host.log", "wb") as log:
+            agent = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{own}", "--", sys.executable, "-m", "flannel_bpf",
+                 "attach", "--iface", "eth0", "--etcd-endpoints", join["etcd_endpoints"],
+                 "--etcd-prefix", join["etcd_prefix"], "--backend", "vxlan", "--subnet-file",
+                 str(subnet_file), "--healthz-port", "9109", "--cleanup-on-exit"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: http_get(own, "http://127.0.0.1:9109/readyz", 1.0)[0] == 200, 30, 0.05,
+                   "the host of our own ready")
         gateway = IPv4Interface(read_subnet_env(subnet_file)["FLANNEL_SUBNET"])
         for host in shared.lab.hosts:
             wait_until(lambda: programmed(host, gateway.network), 5, what=f"host {host.index} programs it")
@@ -170,7 +174,6 @@ def test_a_host_of_your_own_joins_with_only_what_status_json_tells(shared):
 
 def test_health_readiness_and_metrics(shared):
     host = shared.lab.host(1)
-    from flannel_bpf.lab.nshttp import http_get
     base = f"http://127.0.0.1:{host.agent.healthz_port}"
     assert http_get(host.netns, base + "/healthz")[0] == 200
     assert orch.readyz(host) == 200
@@ -196,60 +199,65 @@ class Join:
     ready_after: float
 
 
-def _watch_peer_maps(hosts: list[Host], subnet: IPv4Network, present: bool, start: float,
-                     timeout: float) -> dict[int, float]:
-    """Seconds after `start` at which each host's peer map got (or lost) `subnet`, polling
-    every 2 ms; hosts that never did are missing."""
+def _map_change_times(hosts: list[Host], changed, timeout: float) -> dict[int, float]:
+    """time.monotonic() at which changed(host, peer subnets in its map) first held, per host,
+    polling every 2 ms; hosts where it never did within `timeout` are missing."""
     seen: dict[int, float] = {}
-    maps = {h.index: DataPlaneMaps(h.agent.pin_dir) for h in hosts}
+    maps = {h.index: (h, DataPlaneMaps(h.agent.pin_dir)) for h in hosts}
     try:
         deadline = time.monotonic() + timeout
         while len(seen) < len(hosts) and time.monotonic() < deadline:
-            for index, m in maps.items():
-                if index not in seen and (any(p.subnet == subnet for p in m.list_peers()) == present):
-                    seen[index] = time.monotonic() - start
+            for index, (host, m) in maps.items():
+                if index not in seen and changed(host, {p.subnet for p in m.list_peers()}):
+                    seen[index] = time.monotonic()
             time.sleep(0.002)
     finally:
-        for m in maps.values():
+        for _, m in maps.values():
             m.close()
     return seen
 
 
+def _since(times: dict[int, float], start: float) -> dict[int, float]:
+    return {index: round(t - start, 4) for index, t in times.items()}
+
+
+def _has(subnet):
+    return lambda host, subnets: subnet in subnets
+
+
+def _lacks(subnet):
+    return lambda host, subnets: subnet not in subnets
+
+
 @pytest.fixture(scope="module")
 def joined(shared):
-    """Host 4 joins the running lab (agent with --cleanup-on-exit), timed from its lease put."""
+    """Host 4 joins the running lab (orchestrator.join_host, agent with --cleanup-on-exit),
+    timed from its lease put: when each peer's map got it, when its pod first answered."""
     lab = shared.lab
     old = original_hosts(lab)
+    baseline = {h.index: map_subnets(h) for h in old}
     prefix = lab.state.etcd.prefix + "/subnets/"
-    with orch.etcd_client(lab).watch_prefix(prefix) as watch:
-        host = lab.add_host()
+    with orch.etcd_client(lab).watch_prefix(prefix) as watch, ThreadPoolExecutor(1) as pool:
+        programmed_at = pool.submit(_map_change_times, old,
+                                    lambda host, subnets: bool(subnets - baseline[host.index]), 30.0)
+        host = orch.join_host(lab, "bpf", pods=1, extra_args=["--cleanup-on-exit"], wait=False)
         try:
-            orch.start_agent(lab, host.index, "bpf", extra_args=["--cleanup-on-exit"])
-            put = None
-            while put is None or put.kind != "put":
-                put = watch.next(timeout=30)
-                assert put is not None, "host 4's lease never appeared in etcd"
-            subnet = IPv4Network(put.key.removeprefix(prefix).replace("-", "/"))
-            maps_result: dict = {}
-            poller = threading.Thread(target=lambda: maps_result.update(
-                _watch_peer_maps(old, subnet, True, put.seen_at, 10.0)))
-            poller.start()
-            orch.wait_for_subnet(lab, host.index)
-            pod, = orch.add_pods(lab, host.index, 1)
-            source = old[0].pods[0]
+            put = watch.wait_for(orch.lease_key(lab, host.agent.subnet), "put", timeout=1)
+            assert put is not None, "host 4's lease put was not seen"
+            source, pod = old[0].pods[0], host.pods[0]
             deadline = time.monotonic() + 30
             while not ping(source.netns, pod.ip, count=1, wait=0.1).ok:
                 assert time.monotonic() < deadline, "the new host's pod never became reachable"
             first_ping = time.monotonic() - put.seen_at
             orch.wait_ready(lab, [host.index])
             ready = time.monotonic() - put.seen_at
-            poller.join()
+            peers = _since(programmed_at.result(), put.seen_at)
         except BaseException:
             lab.remove_host(host.index)
             raise
-    print(f"\njoin: peers programmed {maps_result} s, first ping {first_ping:.3f} s, "
+    print(f"\njoin: peers programmed {peers} s, first ping {first_ping:.3f} s, "
           f"agent ready {ready:.3f} s after the lease put")
-    yield Join(host, subnet, maps_result, first_ping, ready)
+    yield Join(host, IPv4Network(host.agent.subnet), peers, first_ping, ready)
     if host in lab.hosts:
         lab.remove_host(host.index)
 
@@ -285,7 +293,7 @@ def test_leaving_host_with_cleanup_releases_lease_and_peers_forget_it(shared, jo
         stopped = stopping.submit(orch.stop_agent, lab, joined.host.index, signal.SIGTERM)
         gone = watch.wait_for(key, "delete", timeout=10)
         assert gone is not None, "the lease was not released"
-        forgot = _watch_peer_maps(old, joined.subnet, False, gone.seen_at, 10.0)
+        forgot = _since(_map_change_times(old, _lacks(joined.subnet), 10.0), gone.seen_at)
         assert stopped.result(timeout=20)
         stopping.shutdown()
     print(f"\nleave: peers forgot the subnet {forgot} s after the lease delete")
@@ -310,11 +318,11 @@ def test_expired_lease_is_forgotten_by_every_peer(shared):
         put_revision = etcd.put(key, fake_lease("0a:58:00:00:00:04"), lease=etcd.grant_lease(2))
         put = watch.wait_for(key, "put", timeout=5)
         assert put is not None and put.revision == put_revision
-        programmed_after = _watch_peer_maps(hosts, subnet, True, put.seen_at, 5.0)
+        programmed_after = _since(_map_change_times(hosts, _has(subnet), 5.0), put.seen_at)
         assert sorted(programmed_after) == [1, 2, 3], programmed_after
         expired = watch.wait_for(key, "delete", timeout=10)
         assert expired is not None, "the 2 s lease did not expire"
-        forgot = _watch_peer_maps(hosts, subnet, False, expired.seen_at, 10.0)
+        forgot = _since(_map_change_times(hosts, _lacks(subnet), 10.0), expired.seen_at)
     print(f"\nexpiry: programmed {programmed_after} s after the put, forgotten {forgot} s after the expiry")
     assert sorted(forgot) == [1, 2, 3] and max(forgot.values()) < 1.0, forgot
     for host in hosts:
