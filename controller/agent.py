@@ -1,6 +1,7 @@
 """The node agent (`flannel-bpf attach`): flanneld's job with a BPF data plane.
 
-Order of work, as flanneld: network config -> uplink -> backend prepared (VtepMAC known) ->
+Order of work, as flanneld: network config -> uplink -> backend prepared (VtepMAC known,
+programs compiled) ->
 subnet lease (subnet.env written) -> data plane started on the lease -> peers synced -> ready.
 Peer events then reach the backend one at a time from the subnet manager's event thread; a
 reconcile tick picks up what etcd never reports (the pod bridge appearing, local pods).
@@ -43,6 +44,39 @@ class AgentOptions:
     healthz_port: int = 0
 
 
+class NetlinkWaker:
+    """Wakes the reconcile loop when links or neighbours change in this namespace (the pod
+    bridge appearing, a pod's first ARP), so attach points and local pods follow within
+    milliseconds rather than at the next tick."""
+
+    MIN_INTERVAL = 0.1  # neighbour churn must not turn into a reconcile storm
+
+    def __init__(self, wake: threading.Event, stop: threading.Event):
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
+        self.wake, self.stop = wake, stop
+        self.ipr = IPRoute()
+        self.ipr.bind(groups=RTMGRP_LINK | RTMGRP_NEIGH)
+        self.thread = threading.Thread(target=self._run, name="flannel-bpf-netlink", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        import select
+        try:
+            while not self.stop.is_set():
+                readable, _, _ = select.select([self.ipr.fileno()], [], [], 0.5)
+                if readable:
+                    self.ipr.get()  # drain; what changed is re-read by reconcile()
+                    self.wake.set()
+                    self.stop.wait(self.MIN_INTERVAL)
+        except Exception as err:  # the periodic tick still reconciles
+            log.warning("netlink events: %s; reconciling on the periodic tick only", err)
+        finally:
+            self.ipr.close()
+
+
 class Agent:
     def __init__(self, registry: SubnetRegistry, uplink: Uplink, options: AgentOptions):
         self.registry = registry
@@ -56,6 +90,7 @@ class Agent:
         self._started = threading.Event()   # backend programmed with our lease: events may apply
         self._ready = threading.Event()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # reconcile now (netlink event or stop)
         self._backend_lock = threading.Lock()  # one writer of kernel state at a time
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -66,8 +101,12 @@ class Agent:
         self._start_health()
         try:
             self.start()
-            while not self._stop.wait(self.options.reconcile_interval):
-                self.reconcile()
+            NetlinkWaker(self._wake, self._stop).start()
+            while not self._stop.is_set():
+                self._wake.wait(self.options.reconcile_interval)
+                self._wake.clear()
+                if not self._stop.is_set():
+                    self.reconcile()
         finally:
             self.shutdown()
 
@@ -90,6 +129,7 @@ class Agent:
             ip_masq=self.options.ip_masq, subnet_file=self.options.subnet_file, sink=self,
             on_lease_reacquired=self._lease_reacquired, ttl=self.options.lease_ttl,
             renew_margin=self.options.renew_margin)
+        self.backend.prepare()
         lease = self.manager.start()
         log.info("lease %s acquired; subnet.env written to %s", lease.subnet, self.options.subnet_file)
         with self._backend_lock:
@@ -136,6 +176,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def shutdown(self) -> None:
         self._ready.clear()

@@ -58,11 +58,15 @@ static __always_inline __u32 l3_len_on_wire(struct __sk_buff *skb, const struct 
 }
 
 /*
- * Out of the uplink towards next_hop, MACs from the neighbour table (ARP on a
- * miss, like the kernel's own output path). The helper only fails on bad
- * arguments; a neighbour failure later drops the packet like ip_output would.
+ * Out of the uplink, MACs from the neighbour table (ARP on a miss, like the
+ * kernel's own output path). A DIRECT peer is on our L2 segment by definition,
+ * so it is its own next hop. For VXLAN the peer may sit behind a router:
+ * no next hop is given, and the helper looks the outer destination up in the
+ * FIB (after the encap the network header is the outer one). The helper only
+ * fails on bad arguments; a neighbour failure later drops the packet like
+ * ip_output would.
  */
-static __always_inline int redirect_to_uplink(const struct fl_local_config *cfg, __be32 next_hop)
+static __always_inline int redirect_to_neighbour(const struct fl_local_config *cfg, __be32 next_hop)
 {
 	struct bpf_redir_neigh nh = {
 		.nh_family = AF_INET,
@@ -70,6 +74,11 @@ static __always_inline int redirect_to_uplink(const struct fl_local_config *cfg,
 	};
 
 	return fl_redirect_neigh(cfg->uplink_ifindex, &nh, sizeof(nh), 0);
+}
+
+static __always_inline int redirect_by_fib(const struct fl_local_config *cfg)
+{
+	return fl_redirect_neigh(cfg->uplink_ifindex, NULL, 0, 0);
 }
 
 /*
@@ -129,7 +138,7 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb, const struct fl_lo
 	if (forwarding &&
 	    bpf_skb_store_bytes(skb, sizeof(hdr) + offsetof(struct iphdr, ttl), &ttl, sizeof(ttl), 0))
 		return fl_tc_account(FL_STAT_DROP_WRITE_FAILED, len);
-	return fl_account(FL_STAT_ENCAP_VXLAN, len, redirect_to_uplink(cfg, peer->underlay_ip));
+	return fl_account(FL_STAT_ENCAP_VXLAN, len, redirect_by_fib(cfg));
 }
 
 static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwarding)
@@ -184,7 +193,7 @@ static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwar
 	if (peer->mode == FL_MODE_DIRECT) {
 		if (forwarding)
 			fl_ipv4_decrease_ttl(iph);
-		return fl_account(FL_STAT_FWD_DIRECT, len, redirect_to_uplink(cfg, peer->underlay_ip));
+		return fl_account(FL_STAT_FWD_DIRECT, len, redirect_to_neighbour(cfg, peer->underlay_ip));
 	}
 	return encap_vxlan(skb, cfg, peer, iph, len, forwarding);
 }

@@ -1,8 +1,9 @@
 """The data-plane backends the node agent drives: `bpf`, and the stock-equivalent `vxlan` and
 `host-gw`. Each turns this node's lease and the peer leases into kernel state.
 
-The agent publishes the lease (for vxlan and bpf with the `vtep_mac` the backend keeps from an
-existing device or makes), then calls `start(lease)` (program this node; adopts what a previous agent left), then `apply(event)` per
+The agent calls `prepare()` (slow work, before peers can see us), publishes the lease (for vxlan
+and bpf with the `vtep_mac` the backend keeps from an existing device or makes), then calls
+`start(lease)` (program this node; adopts what a previous agent left), then `apply(event)` per
 peer event and `sync(peers)` to make the kernel match a full peer listing exactly;
 `reconcile()` every few seconds (attach points that appeared, local pods); `stop(cleanup)`.
 """
@@ -61,6 +62,10 @@ class KernelBackend:
         self.programmed: dict[IPv4Network, Peer] = {}
         self._skipped: set[tuple] = set()
         self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Slow work that needs no lease, done before the lease is published: peers start
+        sending to us as soon as they see it."""
 
     def start(self, lease: Lease) -> None:
         raise NotImplementedError
@@ -214,10 +219,7 @@ class BpfBackend(VxlanBackend):
         are compiled once per agent, only the node's config is rewritten."""
         super().start(lease)  # flannel.<VNI>: the routed device and safety net
         from flannel_bpf.loader.maps import NodeConfig
-        from flannel_bpf.loader.program import load_programs
-        if self.programs is None:
-            self.programs = load_programs(self.pin_dir)  # reuses pinned maps: state survives restarts
-            self.maps = self.programs.maps
+        self.prepare()
         with IPRoute() as ipr:
             uplink = ipr.link("get", index=self.uplink.ifindex)[0]
             self.decap_hook, self.decap_reason = choose_decap_hook(
@@ -243,6 +245,13 @@ class BpfBackend(VxlanBackend):
         log.info("bpf data plane on %s: decap at %s (%s); maps pinned in %s", self.uplink.name,
                  self.decap_hook, self.decap_reason, self.pin_dir)
         self.reconcile()
+
+    def prepare(self) -> None:
+        """Compile and load the programs (seconds on a busy machine), once per agent."""
+        from flannel_bpf.loader.program import load_programs
+        if self.programs is None:
+            self.programs = load_programs(self.pin_dir)  # reuses pinned maps: state survives restarts
+            self.maps = self.programs.maps
 
     def _attach(self, program: str, dev: str, direction: str) -> None:
         attach.attach_tc(dev, direction, self.programs.prog_fds[program], program)
