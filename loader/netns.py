@@ -51,7 +51,10 @@ def remove_netns(name: str) -> bool:
     """Unmount and unlink a named namespace; False if it was not there."""
     if not netns_exists(name):
         return False
-    _pyroute2_netns.remove(name)
+    try:
+        _pyroute2_netns.remove(name)
+    except FileNotFoundError:  # removed meanwhile by another cleanup (e.g. `ip netns del`)
+        return False
     return True
 
 
