@@ -266,6 +266,60 @@ def process_memory(pid: int) -> dict[str, int]:
     return out
 
 
+# ---------------------------------------------------------------------------- kernel profiles
+
+def perf_available() -> bool:
+    import shutil
+    return shutil.which("perf") is not None
+
+
+@contextlib.contextmanager
+def perf_record(path: Path | str, seconds: float, delay: float = 0.0) -> Iterator[None]:
+    """System-wide cpu-clock samples with call chains, for `seconds` after `delay`, taken in
+    the background while the block runs (it should last at least delay + seconds)."""
+    import subprocess
+
+    argv = ["perf", "record", "-q", "-e", "cpu-clock", "-a", "-g", "-o", str(path)]
+    if delay > 0:
+        argv += ["-D", str(int(delay * 1000))]
+    process = subprocess.Popen(argv + ["--", "sleep", f"{delay + seconds:g}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        try:
+            process.wait(delay + seconds + 30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def summarize_perf(path: Path | str, anchor: str, top: int = 12) -> dict:
+    """Of the samples whose call chain has a symbol containing `anchor` (a BPF program's name,
+    or bpf_test_run): how many, and the leaf functions by share (where that time goes)."""
+    import subprocess
+    from collections import Counter
+
+    try:
+        out = subprocess.run(["perf", "script", "-i", str(path), "-F", "ip,sym"], capture_output=True,
+                             text=True, timeout=180).stdout
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return {"error": str(err)}
+    leaves: Counter = Counter()
+    samples = 0
+    for block in out.split("\n\n"):
+        symbols = [line.split(None, 1)[1] if len(line.split(None, 1)) == 2 else "?"
+                   for line in block.strip().splitlines() if line.strip()]
+        if not symbols or not any(anchor in symbol for symbol in symbols):
+            continue
+        samples += 1
+        leaves[re.sub(r"^bpf_prog_[0-9a-f]+_", "bpf_prog:", symbols[0].split("+0x")[0])] += 1
+    if not samples:
+        return {"samples": 0}
+    return {"samples": samples,
+            "leaf": [{"function": f, "share": round(c / samples, 3)} for f, c in leaves.most_common(top)]}
+
+
 # ---------------------------------------------------------------------------- entry points
 
 def run_cli(benchmark: str, description: str, add_arguments, run) -> int:

@@ -387,11 +387,11 @@ _PROJECT_FILES = ("controller/", "loader/", "lab/", "flannel_bpf/")
 
 def summarize_profile(path: Path, top: int = 10) -> dict:
     """From py-spy's raw output (lines `frame;frame;...;leaf count`, frames `func (file:line)`):
-    the busy samples (leaf not a wait), the project's functions by the share of busy samples
-    they are on the stack of, and the leaf functions by share (where the time goes)."""
+    the busy samples (leaf not a wait); for each, the innermost frame of the project's own code
+    (which of our functions the time is spent under) and the leaf (what it is spent on)."""
     if not path.exists():
         return {}
-    inclusive: Counter = Counter()
+    innermost: Counter = Counter()
     leaves: Counter = Counter()
     busy = 0
     for line in path.read_text(errors="replace").splitlines():
@@ -404,15 +404,15 @@ def summarize_profile(path: Path, top: int = 10) -> dict:
             continue
         busy += int(count)
         leaves[leaf] += int(count)
-        for frame in set(frames):
-            if any(f"({prefix}" in frame for prefix in _PROJECT_FILES):
-                inclusive[frame] += int(count)
+        ours = [f for f in frames if any(f"({prefix}" in f for prefix in _PROJECT_FILES)]
+        if ours:
+            innermost[ours[-1]] += int(count)
     if not busy:
         return {"busy_samples": 0}
 
     def shares(counter: Counter) -> list[dict]:
         return [{"function": f, "share": round(c / busy, 3)} for f, c in counter.most_common(top)]
-    return {"busy_samples": busy, "project_inclusive": shares(inclusive), "leaf": shares(leaves)}
+    return {"busy_samples": busy, "project_innermost": shares(innermost), "leaf": shares(leaves)}
 
 
 def _frame_name(frame: str) -> str:
@@ -450,11 +450,7 @@ def _agent_cold(etcd: Etcd, prefix: str, size: int, params: dict, tag: str) -> l
             count = agent.peer_count()
         memory = agent.memory()
     finally:
-        if spy is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                spy.wait(15)
-            if spy.poll() is None:
-                spy.kill()
+        profile = _finish_profile(spy, profile_path)
         agent.stop()
     after_config = None if times["all"] is None else times["all"] - times["config"]
     complete = times["all"] is not None
@@ -464,7 +460,6 @@ def _agent_cold(etcd: Etcd, prefix: str, size: int, params: dict, tag: str) -> l
         note = (f"PARTIAL: {count:,} of {size:,} map entries after the {params['agent_budget']:g} s budget; "
                 + note)
         after_config = budget.seconds - times["config"]
-    profile = summarize_profile(profile_path) if spy is not None else {}
     return [
         metric(f"control.agent_cold.{size}.peers_programmed", after_config, "s",
                target=("<=", COLD_TARGET_S) if size == TARGET_SIZE else None, note=note, group="control.cold",
@@ -476,54 +471,89 @@ def _agent_cold(etcd: Etcd, prefix: str, size: int, params: dict, tag: str) -> l
     ]
 
 
+# Lease-latency series: (name, pause after each entry appeared). Back to back, every put lands
+# while the agent may still program the previous peer's netlink fallback; spaced, it never does.
+LATENCY_SERIES = (("back_to_back", 0.0), ("spaced", 0.25))
+
+
+def _latency_series(etcd: Etcd, agent: AgentRun, prefix: str, indices: list[int], gap: float):
+    latencies, commits, missing = [], [], 0
+    for index in indices:
+        subnet = peer_subnet(index)
+        start = time.perf_counter()
+        etcd.put(_lease_key(prefix, index), peer_lease_value(index))
+        commits.append(1000 * (time.perf_counter() - start))
+        try:
+            wait_until(lambda: agent.has_peer(subnet), PUT_TIMEOUT, 0.00025, f"the map entry of {subnet}")
+        except TimeoutError:
+            missing += 1
+            continue
+        latencies.append(1000 * (time.perf_counter() - start))
+        if gap:
+            time.sleep(gap)
+    return latencies, commits, missing
+
+
 def _lease_latency(etcd: Etcd, params: dict) -> list[dict]:
-    """A fresh agent, then `puts` new leases one after another: put -> map entry."""
+    """A fresh agent, then for each series `puts` new leases one after another: put -> entry."""
     puts = params["puts"]
     prefix = _prefix("latency")
     etcd.put(f"{prefix}/config", network_config_text())
     agent = AgentRun(etcd, prefix, f"{params['pin_root']}/agent-latency", Path(params["workdir"]), "latency")
-    latencies, commits, missing = [], [], 0
+    results = []
+    next_index = MAX_PEERS  # from the top: the agent leased one of the lowest free subnets
     try:
         wait_until(agent.ready, 120, 0.05, "the agent's /readyz")
         wait_until(agent.configured, 10, 0.01, "the agent's config")
         time.sleep(2.0)  # at rest: past start-up work
         idle = agent.memory()
-        for n in range(puts):
-            index = MAX_PEERS - n  # from the top: the agent leased one of the lowest free subnets
-            subnet = peer_subnet(index)
-            start = time.perf_counter()
-            etcd.put(_lease_key(prefix, index), peer_lease_value(index))
-            commits.append(time.perf_counter() - start)
-            try:
-                wait_until(lambda: agent.has_peer(subnet), PUT_TIMEOUT, 0.00025, f"the map entry of {subnet}")
-            except TimeoutError:
-                missing += 1
-                continue
-            latencies.append(time.perf_counter() - start)
+        for series, gap in LATENCY_SERIES:
+            indices = list(range(next_index, next_index - puts, -1))
+            next_index -= puts
+            spy, profile_path = None, Path(params["profile_dir"]) / f"agent-latency-{series}-{os.getpid()}.txt"
+            if params["profile"] and series == "back_to_back":
+                spy = _profile(agent.pid, min(30.0, puts * 0.1 + 1), profile_path)
+            ms, commit_ms, missing = _latency_series(etcd, agent, prefix, indices, gap)
+            profile = _finish_profile(spy, profile_path)
+            held = MAX_PEERS - indices[0]  # peers the agent holds when the series starts
+            note = (f"{len(ms)} puts, {'back to back' if not gap else f'{gap:g} s apart'}, to an agent "
+                    f"holding {held}..{held + len(ms)} peers; etcd commit included")
+            if missing:
+                note = f"{missing} of {puts} entries never appeared within {PUT_TIMEOUT:g} s; " + note
+            results += [
+                metric(f"control.lease_to_map.{series}.p50", percentile(ms, 50), "ms", note=note,
+                       group="control.latency"),
+                metric(f"control.lease_to_map.{series}.p99", percentile(ms, 99) if not missing else None, "ms",
+                       target=("<=", LEASE_P99_TARGET_MS), note=note, group="control.latency", samples=len(ms),
+                       missing=missing, max_ms=max(ms, default=None), profile_top=profile,
+                       profile_file=str(profile_path) if profile else None),
+                metric(f"control.etcd_put.{series}.p99", percentile(commit_ms, 99), "ms",
+                       note=f"the put's round trip alone (p50 {percentile(commit_ms, 50) or 0:.1f} ms)",
+                       group="control.latency"),
+            ]
         time.sleep(2.0)
         loaded = agent.memory()
     finally:
         agent.stop()
-    ms = [x * 1000 for x in latencies]
-    commit_ms = [x * 1000 for x in commits]
-    note = f"{len(ms)} puts, one after another, fresh agent; etcd commit included"
-    if missing:
-        note = f"{missing} of {puts} entries never appeared within {PUT_TIMEOUT:g} s; " + note
-    p99 = percentile(ms, 99) if not missing else None
-    return [
-        metric("control.lease_to_map.p50", percentile(ms, 50), "ms", note=note, group="control.latency"),
-        metric("control.lease_to_map.p99", p99, "ms", target=("<=", LEASE_P99_TARGET_MS), note=note,
-               group="control.latency", samples=len(ms), missing=missing, max_ms=max(ms, default=None)),
-        metric("control.etcd_put.p50", percentile(commit_ms, 50), "ms", note="the put's round trip alone",
-               group="control.latency"),
-        metric("control.etcd_put.p99", percentile(commit_ms, 99), "ms", note="the put's round trip alone",
-               group="control.latency"),
+    return results + [
         metric("control.agent_rss.idle", idle.get("VmRSS", 0) / 1024, "MiB",
                note=f"agent at rest, no peers (peak VmHWM {idle.get('VmHWM', 0) / 1024:.0f} MiB: the BPF compile)",
                group="control.rss", peak_mib=idle.get("VmHWM", 0) / 1024),
         metric("control.agent_rss.after_puts", loaded.get("VmRSS", 0) / 1024, "MiB",
-               note=f"agent at rest with {len(ms)} peers", group="control.rss"),
+               note=f"agent at rest with {puts * len(LATENCY_SERIES)} peers", group="control.rss"),
     ]
+
+
+def _finish_profile(spy: subprocess.Popen | None, path: Path) -> dict:
+    """Wait for py-spy (it stops by itself), then its summary."""
+    if spy is None:
+        return {}
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        spy.wait(60)
+    if spy.poll() is None:
+        spy.kill()
+        spy.wait(5)
+    return summarize_profile(path)
 
 
 def _in_process(etcd: Etcd, size: int, maps, params: dict) -> list[dict]:

@@ -41,7 +41,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flannel_bpf.lab.bench_common import bench_pin_dir, median, metric, percentile, run_cli, wait_until
+from flannel_bpf.lab.bench_common import (bench_pin_dir, median, metric, percentile, perf_available,
+                                          perf_record, run_cli, summarize_perf, wait_until)
 from flannel_bpf.loader.layout import (STAT_ACTION, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP,
                                        XDP_PASS, Action, PeerMode, Stat)
 from flannel_bpf.loader.maps import DataPlaneMaps, EndpointEntry, NodeConfig, PeerEntry
@@ -365,8 +366,11 @@ def _single_shots(fd: int, packet: bytes, program: str, count: int) -> list[int]
 
 
 def measure_testrun(*, repeat: int = 100_000, rounds: int = 5, single_shots: int = 2000,
-                    extra_peers: int = 1000, pin_dir: str | None = None) -> list[dict]:
-    """ns/packet of every case in CASES through BPF_PROG_TEST_RUN (see the module note)."""
+                    extra_peers: int = 1000, pin_dir: str | None = None, profile: bool = True,
+                    profile_dir: str | Path | None = None) -> list[dict]:
+    """ns/packet of every case in CASES through BPF_PROG_TEST_RUN (see the module note). With
+    `profile` (and perf installed), a case that misses its target is sampled with perf for
+    2 s more, and the metric carries where its time goes (`profile`)."""
     for name, value in (("repeat", repeat), ("rounds", rounds), ("single_shots", single_shots)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -399,9 +403,33 @@ def measure_testrun(*, repeat: int = 100_000, rounds: int = 5, single_shots: int
                              "(includes the timer reads: see prog.empty_*.single_shot)",
                         group="prog.testrun", program=case.program, p10=percentile(singles, 10), p90=percentile(singles, 90)))
                 results += _restore_overhead(programs, maps, steady, repeat, rounds)
+                if profile and perf_available():
+                    for record in results:
+                        case = next((c for c in CASES if record["metric"] == f"prog.{c.name}.testrun"), None)
+                        if case is not None and record["ok"] is False:
+                            record["profile"], record["profile_file"] = _profile_case(
+                                programs.timed[case.program], case, _profile_path(profile_dir, f"testrun-{case.name}"))
         finally:
             programs.close()
     return results
+
+
+def _profile_path(profile_dir, tag: str) -> Path:
+    directory = Path(profile_dir or "bench-results/profiles")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"perf-{tag}-{os.getpid()}.data"
+
+
+def _profile_case(fd: int, case: ProgCase, path: Path, seconds: float = 2.0) -> tuple[dict, str]:
+    """perf samples of the timing variant running `case` for `seconds`: the share of each
+    leaf function under bpf_test_run (harness, program, helpers)."""
+    from flannel_bpf.loader.testrun import prog_test_run
+
+    with perf_record(path, seconds, delay=0.2):
+        end = time.monotonic() + seconds + 0.5
+        while time.monotonic() < end:
+            prog_test_run(fd, case.packet, ctx=_ctx(case.program), repeat=50_000)
+    return summarize_perf(path, "bpf_test_run"), str(path)
 
 
 def _empty_baselines(programs: BenchPrograms, single_shots: int, repeat: int, rounds: int) -> list[dict]:
@@ -536,7 +564,8 @@ def _iperf(client_ns: str, server_ns: str, server_ip: str, kind: str, duration: 
             server.wait(5)
 
 
-def _live_lab(hook: str, duration: float, traffic: tuple[str, ...]) -> list[dict]:
+def _live_lab(hook: str, duration: float, traffic: tuple[str, ...], profile: bool,
+              profile_dir) -> list[dict]:
     from flannel_bpf.lab.orchestrator import LabSpec, counter_deltas, down, read_counters, up
     from flannel_bpf.lab.run import ping
 
@@ -556,7 +585,10 @@ def _live_lab(hook: str, duration: float, traffic: tuple[str, ...]) -> list[dict
         for kind in traffic:
             counters_before = {role: read_counters(host) for role, host in roles.items()}
             stats_before = {role: {n: prog_run_stats(fd) for n, fd in progs.items()} for role, progs in fds.items()}
-            with bpf_run_time_stats():
+            sampling = profile and kind == "udp64" and duration >= 2 and perf_available()
+            perf_path = _profile_path(profile_dir, f"live-{hook}-{kind}") if sampling else None
+            with bpf_run_time_stats(), (perf_record(perf_path, duration - 1.5, delay=1.0) if sampling
+                                        else contextlib.nullcontext()):
                 summary = _iperf(client.netns, server.netns, server.ip, kind, duration)
             for role, progs in fds.items():
                 verdicts = {k: v for k, v in counter_deltas(counters_before[role], read_counters(roles[role])).items() if v}
@@ -565,13 +597,17 @@ def _live_lab(hook: str, duration: float, traffic: tuple[str, ...]) -> list[dict
                     if runs <= 0:
                         continue
                     is_target = role == "sender" and program == "tc_encap_from_pods"
+                    hot = (role, program) in (("sender", "tc_encap_from_pods"), ("receiver", f"{hook}_decap"),
+                                              ("receiver", "tc_decap"))
+                    profiled = {"profile": summarize_perf(perf_path, program), "profile_file": str(perf_path)} \
+                        if sampling and hot else {}
                     results.append(metric(
                         f"prog.live.{hook}.{kind}.{role}.{program}", run_time / runs, "ns/run",
                         target=("<=", ENCAP_LIVE_TARGET_NS) if is_target else None,
                         note=f"{runs:,} runs in {duration:g} s of {kind} pod->pod, decap at {hook}"
                              + ("; a TCP run is one GSO packet of up to 64 KB" if kind == "tcp" else ""),
                         group="prog.live", runs=runs, run_time_ns=run_time, verdicts=verdicts,
-                        iperf_error=summary.get("error")))
+                        iperf_error=summary.get("error"), **profiled))
     finally:
         for progs in fds.values():
             for fd in progs.values():
@@ -581,10 +617,13 @@ def _live_lab(hook: str, duration: float, traffic: tuple[str, ...]) -> list[dict
 
 
 def measure_live(*, duration: float = 5.0, decap_hooks: tuple[str, ...] = ("tc", "xdp"),
-                 traffic: tuple[str, ...] = ("udp64", "tcp")) -> list[dict]:
+                 traffic: tuple[str, ...] = ("udp64", "tcp"), profile: bool = True,
+                 profile_dir: str | Path | None = None) -> list[dict]:
     """ns per program run of the attached programs in a two-host lab with real agents
     (`lab up`), under iperf3 pod-to-pod traffic, one lab per decap hook. Run-time statistics
-    are on only while iperf3 runs; they add two clock reads to every run they measure."""
+    are on only while iperf3 runs; they add two clock reads to every run they measure. With
+    `profile` (and perf installed) the udp64 run is also sampled system-wide with perf, and the
+    busy programs' metrics carry where their time goes (`profile`: leaf functions under them)."""
     if not 0 < duration <= 120:
         raise ValueError(f"duration {duration!r}: must be within (0, 120] seconds")
     for hook in decap_hooks:
@@ -596,7 +635,7 @@ def measure_live(*, duration: float = 5.0, decap_hooks: tuple[str, ...] = ("tc",
     remove_stale_labs()
     results = []
     for hook in decap_hooks:
-        results += _live_lab(hook, duration, tuple(traffic))
+        results += _live_lab(hook, duration, tuple(traffic), profile, profile_dir)
     return results
 
 
@@ -607,6 +646,7 @@ def _bench_cli_args(parser) -> None:
     parser.add_argument("--single-shots", type=int, default=2000, help="one-run syscalls per case (median)")
     parser.add_argument("--extra-peers", type=int, default=1000, help="peers in the map besides the two used")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of traffic per live run")
+    parser.add_argument("--no-profile", action="store_true", help="no perf profiles")
 
 
 def _bench_cli_run(args):
@@ -617,9 +657,11 @@ def _bench_cli_run(args):
     results = []
     if "testrun" in parts:
         results += measure_testrun(repeat=args.repeat, rounds=args.rounds, single_shots=args.single_shots,
-                                   extra_peers=args.extra_peers)
+                                   extra_peers=args.extra_peers, profile=not args.no_profile,
+                                   profile_dir=Path(args.out) / "profiles")
     if "live" in parts:
-        results += measure_live(duration=args.duration)
+        results += measure_live(duration=args.duration, profile=not args.no_profile,
+                                profile_dir=Path(args.out) / "profiles")
     return results, vars(args)
 
 
