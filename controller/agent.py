@@ -52,29 +52,38 @@ class NetlinkWaker:
     MIN_INTERVAL = 0.1  # neighbour churn must not turn into a reconcile storm
 
     def __init__(self, wake: threading.Event, stop: threading.Event):
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
         self.wake, self.stop = wake, stop
-        self.ipr = IPRoute()
-        self.ipr.bind(groups=RTMGRP_LINK | RTMGRP_NEIGH)
+        self._subscribed = threading.Event()
         self.thread = threading.Thread(target=self._run, name="flannel-bpf-netlink", daemon=True)
 
     def start(self) -> None:
+        """Returns once subscribed, so no change made after this call goes unnoticed."""
         self.thread.start()
+        self._subscribed.wait(5.0)
 
     def _run(self) -> None:
         import select
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
+        ipr = None
         try:
+            # Made in this thread: with pyroute2 0.9 a socket created in another thread never
+            # polls readable here (measured: select() timed out on every event).
+            ipr = IPRoute()
+            ipr.bind(groups=RTMGRP_LINK | RTMGRP_NEIGH)
+            self._subscribed.set()
             while not self.stop.is_set():
-                readable, _, _ = select.select([self.ipr.fileno()], [], [], 0.5)
+                readable, _, _ = select.select([ipr.fileno()], [], [], 0.5)
                 if readable:
-                    self.ipr.get()  # drain; what changed is re-read by reconcile()
+                    ipr.get()  # drain; what changed is re-read by reconcile()
                     self.wake.set()
                     self.stop.wait(self.MIN_INTERVAL)
         except Exception as err:  # the periodic tick still reconciles
             log.warning("netlink events: %s; reconciling on the periodic tick only", err)
         finally:
-            self.ipr.close()
+            self._subscribed.set()
+            if ipr is not None:
+                ipr.close()
 
 
 class Agent:
@@ -100,8 +109,10 @@ class Agent:
         useless (bad config, out of subnets, unusable uplink)."""
         self._start_health()
         try:
-            self.start()
+            # Subscribed before start(): a pod bridge made while the data plane starts (the lab
+            # creates pods as soon as subnet.env exists) must wake a reconcile, not wait a tick.
             NetlinkWaker(self._wake, self._stop).start()
+            self.start()
             while not self._stop.is_set():
                 self._wake.wait(self.options.reconcile_interval)
                 self._wake.clear()
