@@ -94,13 +94,13 @@ def test_pairs_on_one_segment_and_kernel_pairs_across_the_router_reach_each_othe
     assert grew["fwd_direct"] > 0 and grew["direct_to_pod"] > 0, grew
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ebpf/tc_route.c encap_vxlan -> redirect_to_uplink(cfg, peer->underlay_ip): the outer packet "
-    "is sent with the peer's underlay IP as next hop, which only works on the same L2 segment; "
-    "across the router the host ARPs for the peer and the packet is lost. "
-    "bpf_redirect_neigh(ifindex, NULL, 0, 0) (FIB lookup on the outer header) fixes it"))
 def test_bpf_pairs_across_the_router_reach_each_other(mixed):
+    """VXLAN to a peer behind the router: the outer packet must go to the router, not be
+    ARPed for on our segment (the next hop comes from a FIB lookup on the outer header)."""
     lab = mixed
+    before = counters(lab.host(1))
     pairs = _pairs(lab, routed_bpf=True)
     assert len(pairs) == 10
     assert _unreachable(pairs) == []
+    grew = {k: v - before[k] for k, v in counters(lab.host(1)).items()}
+    assert grew["encap_vxlan"] > 0 and grew["decap_to_pod"] > 0, grew
