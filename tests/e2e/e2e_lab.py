@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -12,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flannel_bpf.lab import orchestrator as orch
-from flannel_bpf.lab.run import PingResult, parse_ping, run_in_netns
+from flannel_bpf.lab.run import PingResult, nsenter_argv, parse_ping, run_in_netns
 from flannel_bpf.lab.topology import Host, run_dir, state_path
 from flannel_bpf.loader.attach import PIN_ROOT
 from flannel_bpf.loader.netns import list_netns
@@ -84,6 +87,36 @@ def steady_ping(src_netns: str, dst_ip: str, count: int, interval: float) -> Pin
     return parse_ping(proc.stdout)
 
 
+class ContinuousPing:
+    """Probes every `interval` s from a namespace until stop() (at most `max_count`), then
+    which sequence numbers were answered. Output goes to a file: a pipe would fill and stall
+    ping long before it is read."""
+
+    def __init__(self, src_netns: str, dst_ip: str, interval: float = 0.01, max_count: int = 3000):
+        self.out = tempfile.TemporaryFile(mode="w+")
+        argv = ["ping", "-n", "-i", str(interval), "-c", str(max_count), "-W", "1", dst_ip]
+        self.proc = subprocess.Popen(nsenter_argv(src_netns, argv), stdout=self.out,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def stop(self) -> tuple[int, set[int]]:
+        """(probes sent, sequence numbers answered). A probe in flight when ping is stopped
+        counts as sent and unanswered: callers allow that one."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+        self.out.seek(0)
+        text = self.out.read()
+        return parse_ping(text).sent, {int(n) for n in re.findall(r"icmp_seq=(\d+)", text)}
+
+    def __enter__(self) -> "ContinuousPing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.out.close()
+
+
 def fake_lease(vtep_mac: str = "0a:58:00:00:00:99", public_ip: str = "198.18.0.99") -> str:
     """A lease value as flannel writes it, for a node that never sends anything."""
     return json.dumps({"PublicIP": public_ip, "PublicIPv6": None, "BackendType": "vxlan",
@@ -97,13 +130,19 @@ def counters(host: Host) -> dict[str, int]:
 # ---------------------------------------------------------------------------- leftovers
 
 
+# What a lab could leave in the root namespace by mistake. Other work on this machine (VMs,
+# bridges) changes the root namespace too, so only lines with a lab's footprint count.
+LAB_FOOTPRINT = re.compile(r"198\.1[89]\.|10\.244\.|flannel|FLANNEL|cni0|fbpf|br-ul|vethp\d|"
+                           r"\bh\d+-eth0|rt-eth\d|own9")
+
+
 def root_snapshot() -> dict[str, set[str]]:
-    """Links, routes and iptables rules of the root namespace."""
+    """The root namespace's links, routes and iptables rules that look like a lab's."""
     def lines(argv):
-        return {line.strip() for line in subprocess.run(argv, capture_output=True, text=True,
-                                                        timeout=10).stdout.splitlines() if line.strip()}
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+        return {line.strip() for line in out.splitlines() if LAB_FOOTPRINT.search(line)}
     return {
-        "links": {line.split(":")[1].strip().split("@")[0] for line in lines(["ip", "-o", "link", "show"])},
+        "links": lines(["ip", "-o", "link", "show"]),
         "routes": lines(["ip", "-4", "route", "show", "table", "all"]),
         "iptables": lines(["iptables", "-S"]) | lines(["iptables", "-t", "nat", "-S"]),
     }
@@ -128,5 +167,5 @@ def assert_lab_gone(name: str, before: dict[str, set[str]]) -> None:
     assert not run_dir(name).exists() and not state_path(name).exists()
     after = root_snapshot()
     for kind in ("links", "routes", "iptables"):
-        assert after[kind] - before[kind] == set(), f"root namespace gained {kind}"
+        assert after[kind] - before[kind] == set(), f"root namespace gained {kind}: {after[kind] - before[kind]}"
 

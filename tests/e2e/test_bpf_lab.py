@@ -21,8 +21,8 @@ from flannel_bpf.lab.run import ping, run_in_netns, tcp_transfer
 from flannel_bpf.lab.topology import Host, Lab, run_dir
 from flannel_bpf.loader.maps import DataPlaneMaps
 
-from e2e_lab import (assert_lab_gone, cli, counters, fake_lease, forgotten, lab_name, map_subnets,
-                      programmed, root_snapshot, steady_ping, wait_until)
+from e2e_lab import (ContinuousPing, assert_lab_gone, cli, counters, fake_lease, forgotten, lab_name,
+                     map_subnets, programmed, root_snapshot, steady_ping, wait_until)
 
 
 @dataclass
@@ -346,19 +346,25 @@ def test_kill9_under_traffic_loses_nothing_and_restart_reconciles(shared):
     etcd.put(key_gone, fake_lease("0a:58:00:00:00:01"))
     try:
         wait_until(lambda: programmed(h1, gone_while_down), 5, what="fake peer programmed on host 1")
-        # 500 probes 10 ms apart (5-9 s): across the crash and the restart's recompile.
-        pinging = _continuous_ping(h2.pods[0], h1.pods[0], count=500, interval=0.01)
-        time.sleep(0.5)
-        assert orch.stop_agent(lab, 1, signal.SIGKILL)
-        etcd.delete(key_gone)
-        etcd.put(key_added, fake_lease("0a:58:00:00:00:02"))
-        orch.start_agent(lab, 1, "bpf")
-        orch.wait_ready(lab, [1])
-        restarted_ready = time.monotonic()
-        result = pinging.result(timeout=30)
-        ping_end = time.monotonic()
-        assert restarted_ready < ping_end - 0.5, "the restart finished after the ping: test covered less than it claims"
-        assert result.sent == 500 and result.received == 500, result
+        # Probes 10 ms apart from before the crash until a second after the restarted agent
+        # (which recompiles and re-attaches) is ready.
+        before = counters(h1)
+        with ContinuousPing(h2.pods[0].netns, h1.pods[0].ip, interval=0.01) as pinging:
+            time.sleep(0.5)
+            assert orch.stop_agent(lab, 1, signal.SIGKILL)
+            etcd.delete(key_gone)
+            etcd.put(key_added, fake_lease("0a:58:00:00:00:02"))
+            orch.start_agent(lab, 1, "bpf")
+            orch.wait_ready(lab, [1])
+            time.sleep(1.0)
+            sent, answered = pinging.stop()
+        lost = set(range(1, sent + 1)) - answered
+        print(f"\nkill -9 and restart under ping: {sent} probes, lost {sorted(lost)}")
+        assert sent >= 150 and lost <= {sent}, f"lost replies {sorted(lost)} of {sent}"
+        # And not merely through flannel.1, the kernel's safety net: host 1's programs handled
+        # every request and every reply, while dead, while restarting and after.
+        grew = {k: v - before[k] for k, v in counters(h1).items()}
+        assert grew["decap_to_pod"] >= len(answered) and grew["encap_vxlan"] >= len(answered), grew
         # The restarted agent made its maps and routes match etcd as it is now.
         assert forgotten(h1, gone_while_down)
         assert programmed(h1, added_while_down)
@@ -375,6 +381,7 @@ def test_etcd_outage_keeps_forwarding_and_agents_resync(shared):
     hosts = original_hosts(lab)
     outage = 20.0
     metrics_before = _etcd_reconnects(hosts[0])
+    encap_before = counters(hosts[0])["encap_vxlan"]
     orch.stop_etcd(lab)
     stopped = time.monotonic()
     try:
@@ -383,6 +390,7 @@ def test_etcd_outage_keeps_forwarding_and_agents_resync(shared):
         assert matrix.ok, [(orch.pod_label(s), orch.pod_label(d)) for s, d, _ in matrix.failures]
         result = pinging.result(timeout=30)
         assert result.sent == 300 and result.received == 300, result
+        assert counters(hosts[0])["encap_vxlan"] - encap_before >= 300  # on the bpf path
         assert all(orch.agent_running(h) for h in hosts), "an agent died while etcd was away"
         time.sleep(max(0.0, outage - (time.monotonic() - stopped)))
     finally:
