@@ -477,7 +477,7 @@ LATENCY_SERIES = (("back_to_back", 0.0), ("spaced", 0.25))
 
 
 def _latency_series(etcd: Etcd, agent: AgentRun, prefix: str, indices: list[int], gap: float):
-    latencies, commits, slowest, missing = [], [], [], 0
+    latencies, commits, after_commit, slowest, missing = [], [], [], [], 0
     for index in indices:
         subnet = peer_subnet(index)
         start = time.perf_counter()
@@ -489,11 +489,12 @@ def _latency_series(etcd: Etcd, agent: AgentRun, prefix: str, indices: list[int]
             missing += 1
             continue
         latencies.append(1000 * (time.perf_counter() - start))
+        after_commit.append(latencies[-1] - commits[-1])
         slowest.append((round(latencies[-1], 2), round(commits[-1], 2)))
         if gap:
             time.sleep(gap)
     # The slowest puts with their etcd commit: a slow commit is etcd's, the rest the agent's.
-    return latencies, commits, sorted(slowest, reverse=True)[:5], missing
+    return latencies, commits, after_commit, sorted(slowest, reverse=True)[:5], missing
 
 
 def _lease_latency(etcd: Etcd, params: dict) -> list[dict]:
@@ -515,7 +516,7 @@ def _lease_latency(etcd: Etcd, params: dict) -> list[dict]:
             spy, profile_path = None, Path(params["profile_dir"]) / f"agent-latency-{series}-{os.getpid()}.txt"
             if params["profile"] and series == "back_to_back":
                 spy = _profile(agent.pid, min(30.0, puts * 0.1 + 1), profile_path)
-            ms, commit_ms, slowest, missing = _latency_series(etcd, agent, prefix, indices, gap)
+            ms, commit_ms, agent_ms, slowest, missing = _latency_series(etcd, agent, prefix, indices, gap)
             profile = _finish_profile(spy, profile_path)
             held = MAX_PEERS - indices[0]  # peers the agent holds when the series starts
             note = (f"{len(ms)} puts, {'back to back' if not gap else f'{gap:g} s apart'}, to an agent "
@@ -530,6 +531,9 @@ def _lease_latency(etcd: Etcd, params: dict) -> list[dict]:
                        missing=missing, max_ms=max(ms, default=None), slowest_ms_and_commit_ms=slowest,
                        profile_top=profile,
                        profile_file=str(profile_path) if profile else None),
+                metric(f"control.lease_to_map.{series}.after_commit_p99", percentile(agent_ms, 99), "ms",
+                       note="put answered -> map entry: the agent's part (watch, event, map write)",
+                       group="control.latency", p50=percentile(agent_ms, 50)),
                 metric(f"control.etcd_put.{series}.p99", percentile(commit_ms, 99), "ms",
                        note=f"the put's round trip alone (p50 {percentile(commit_ms, 50) or 0:.1f} ms)",
                        group="control.latency"),
