@@ -30,9 +30,9 @@ from pyroute2 import IPRoute
 
 from flannel_bpf.controller.subnet_env import read_subnet_env
 from flannel_bpf.lab.etcd import EtcdCluster, EtcdLaunchError, EtcdMember
-from flannel_bpf.lab.nshttp import EtcdGateway, http_get
+from flannel_bpf.lab.nshttp import EtcdGateway, GatewayError, http_get
 from flannel_bpf.lab.run import PingResult, nsenter_argv, ping
-from flannel_bpf.lab.topology import (DEFAULT_LAB, POD_NETWORK, UNDERLAY_BRIDGE_ADDRESS,
+from flannel_bpf.lab.topology import (DEFAULT_LAB, MAX_HOSTS, POD_NETWORK, UNDERLAY_BRIDGE_ADDRESS,
                                       UNDERLAY_BRIDGES, AgentState, DestroyReport,
                                       EtcdMemberState, EtcdState, Host, Lab, LabError, Pod,
                                       destroy, list_labs, run_dir)
@@ -341,11 +341,11 @@ def add_pods(lab: Lab, index: int, count: int, progress: Progress = NoProgress()
     env = read_subnet_env(host.agent.subnet_file)
     gateway = IPv4Interface(env["FLANNEL_SUBNET"])
     mtu = int(env["FLANNEL_MTU"])
-    hosts = list(gateway.network.hosts())
-    if count > len(hosts) - 1:
+    hosts = list(gateway.network.hosts())  # hosts[0] is the gateway; pod n gets hosts[n]
+    first = max((p.index for p in host.pods), default=0) + 1
+    if first + count > len(hosts):
         raise LabError(f"host {index}'s subnet {gateway.network} has room for {len(hosts) - 1} pods")
     pods = []
-    first = max((p.index for p in host.pods), default=0) + 1
     for n in range(first, first + count):
         address = f"{hosts[n]}/{gateway.network.prefixlen}"
         pod = lab.add_pod(index, n, address, str(gateway.ip), mtu)
@@ -405,9 +405,9 @@ def up(spec: LabSpec, progress: Progress = NoProgress(), keep_on_failure: bool =
         progress.stage("etcd", 1)
         try:
             start_etcd(lab, spec.etcd_members)
-        except EtcdLaunchError as err:
-            raise LabError(f"etcd did not start: {err}") from None
-        write_network_config(lab, config)
+            write_network_config(lab, config)
+        except (EtcdLaunchError, GatewayError) as err:
+            raise LabError(f"etcd: {err}") from None
         progress.advance("etcd")
 
         progress.stage("leases", spec.hosts)
@@ -551,9 +551,10 @@ def describe(lab: Lab, probe: bool = True) -> dict:
                 "members": [{"name": m.name, "client_url": m.client_url,
                              "running": process_running(m.pid, m.data_dir), "log": m.log_path}
                             for m in st.etcd.members]}
-    free = [f"{UNDERLAY_BRIDGE_ADDRESS.network.network_address + 10 + i}/"
-            f"{UNDERLAY_BRIDGE_ADDRESS.network.prefixlen}" for i in range(1, 200)
-            if UNDERLAY_BRIDGE_ADDRESS.network.network_address + 10 + i not in used][:3]
+    # Host addresses as the lab hands them out (.11 upwards); .1 (router) and .25x (etcd) stay clear.
+    underlay = UNDERLAY_BRIDGE_ADDRESS.network
+    candidates = (underlay.network_address + 10 + i for i in range(1, MAX_HOSTS + 1))
+    free = [f"{ip}/{underlay.prefixlen}" for ip in candidates if ip not in used][:3]
     return {
         "name": st.name,
         "underlay": {"netns": st.underlay_netns,
