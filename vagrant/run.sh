@@ -55,10 +55,15 @@ libvirt_daemons() {
         # When /dev/kvm is there but KVM does not work (a PVM hypervisor), libvirt finds its
         # cached QEMU capabilities stale on almost every call and probes QEMU again (10-20 s
         # each). Software emulation needs no KVM: libvirtd gets its own mount namespace with a
-        # read-only empty file over /dev/kvm, which it then sees as unusable, as QEMU does.
-        : >/run/fbpf-no-kvm
-        unshare --mount --propagation private sh -c \
-          'mount --bind /run/fbpf-no-kvm /dev/kvm && mount -o remount,bind,ro /dev/kvm && exec libvirtd -d'
+        # read-only empty file over /dev/kvm, which it then sees as unusable, as QEMU does, and
+        # a qemu.conf without per-domain mount namespaces (which cannot carry that file along).
+        local conf=/run/flannel-bpf-vagrant
+        mkdir -p "$conf"
+        : >"$conf/no-kvm"
+        { cat /etc/libvirt/qemu.conf; echo 'namespaces = []'; } >"$conf/qemu.conf"
+        unshare --mount --propagation private sh -c "mount --bind $conf/no-kvm /dev/kvm &&
+          mount -o remount,bind,ro /dev/kvm && mount --bind $conf/qemu.conf /etc/libvirt/qemu.conf &&
+          exec libvirtd -d"
       else
         libvirtd -d
       fi
