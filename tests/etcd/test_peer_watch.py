@@ -177,9 +177,12 @@ def test_member_down_with_writes_and_compaction_loses_no_event(etcd_cluster, pre
         cluster.start_member(first)
         cluster.wait_healthy([first])
         pinned_sink.wait_for_peers(after | {roaming.lease.subnet}, timeout=15)
+        # The re-list diff is delivered in order (removed, added, changed): the subnet set
+        # matches one event before the change of 10.244.92.0/24 arrives, so wait for it too.
+        for sink in (pinned_sink, roaming_sink):
+            sink.wait_for(lambda s: s.state()[IPv4Network("10.244.92.0/24")].vtep_mac == MAC % 0x77,
+                          what="the VtepMAC change of 10.244.92.0/24")
         assert "fell behind etcd compaction" in caplog.text  # resumed by re-listing and diffing
-        assert pinned_sink.state()[IPv4Network("10.244.92.0/24")].vtep_mac == MAC % 0x77
-        assert roaming_sink.state()[IPv4Network("10.244.92.0/24")].vtep_mac == MAC % 0x77
 
         raw.put("10.244.93.0/24", flanneld_vxlan("198.18.1.93", 0x93))  # live events flow again
         pinned_sink.wait_for(lambda s: IPv4Network("10.244.93.0/24") in s.state(), what="10.244.93.0/24")
