@@ -17,7 +17,7 @@ from flannel_bpf.lab.topology import DEFAULT_LAB, Lab, LabError, LabNotFound
 
 log = logging.getLogger("flannel-bpf")
 
-STAGE_TITLES = {"topology": "namespaces and links", "etcd": "etcd and network config",
+STAGE_TITLES = {"measuring": "measuring (interleaved rounds)", "topology": "namespaces and links", "etcd": "etcd and network config",
                 "leases": "agents: subnet leases", "pods": "pods", "ready": "agents: data plane ready",
                 "ping": "reachability matrix"}
 # The counters that say which path packets took, in the order a reader follows a packet.
@@ -72,6 +72,17 @@ def add_parser(sub) -> None:
     ping.add_argument("--name", default=DEFAULT_LAB)
     ping.add_argument("--count", type=int, default=2, help="probes per pair (default 2)")
     ping.set_defaults(handler=run_ping)
+
+    bench = lab_sub.add_parser("bench", help="benchmarks: every backend side by side, program cost, control plane",
+                               description=__import__("flannel_bpf.lab.bench", fromlist=["x"]).__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--only", type=_name_list, default=("net", "prog", "control"), metavar="PART,...",
+                       help="parts to run: net, prog, control (default all; about 20 minutes)")
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the network part (default 3)")
+    bench.add_argument("--seconds", type=float, default=5.0, help="length of each traffic run (default 5)")
+    bench.add_argument("--quick", action="store_true", help="a functional check of every part, in about 2 minutes")
+    bench.add_argument("--out", default="bench-results", help="directory for the JSON and the chart")
+    bench.set_defaults(handler=run_bench)
 
 
 class RichProgress:
@@ -232,4 +243,21 @@ def _ping_and_print(console: Console, lab: Lab, count: int) -> int:
         console.print(f"[red]{len(failures)} of {len(matrix.results)} pairs failed[/]")
         return 1
     console.print(f"[green]all {len(matrix.results)} pairs reach each other[/]")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flannel_bpf.lab import bench
+    unknown = [p for p in args.only if p not in bench.PARTS]
+    if unknown:
+        raise UsageError(f"--only: unknown part(s) {', '.join(unknown)}; use {', '.join(bench.PARTS)}")
+    if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60:
+        raise UsageError("--rounds must be 1..20 and --seconds 1..60")
+    console = Console()
+    with _progress(console) as progress:
+        results, params = bench.run(tuple(args.only), rounds=args.rounds, seconds=args.seconds,
+                                    quick=args.quick, progress=RichProgress(progress))
+    bench.report(results, params, Path(args.out), console)
     return 0

@@ -1,0 +1,74 @@
+"""The lab bench's summaries: medians, ratios to kernel vxlan and the underlay, the targets of
+issue 5, the side-by-side table and the chart, from hand-made samples (no traffic)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flannel_bpf.lab import bench, bench_net
+
+
+def samples(bpf_udp: float) -> dict:
+    figures = {"tcp1_gbps": [10.0, 12.0, 11.0], "tcp4_gbps": [12.0], "udp64_kpps": [50.0, 60.0, 55.0],
+               "rr_p50_us": [60.0], "rr_p99_us": [900.0], "cpu_s_per_gb": [1.0]}
+    return {
+        "vxlan": figures,
+        "underlay": {name: [v * 2 for v in values] for name, values in figures.items()},
+        "host-gw": {**figures, "udp64_kpps": [70.0]},
+        "bpf-tc": {"tcp1_gbps": [15.0], "tcp4_gbps": [24.0], "udp64_kpps": [bpf_udp],
+                   "rr_p50_us": [30.0], "rr_p99_us": [300.0], "cpu_s_per_gb": [0.5]},
+    }
+
+
+def by_metric(results):
+    return {r["metric"]: r for r in results}
+
+
+def test_medians_and_ratios_against_vxlan_and_underlay():
+    results = by_metric(bench_net.summarize(samples(bpf_udp=121.0)))
+    assert results["net.vxlan.tcp1_gbps"]["value"] == 11.0  # median of 10, 12, 11
+    assert results["net.bpf-tc.tcp1_gbps"]["vs_vxlan"] == pytest.approx(15 / 11, abs=1e-3)
+    assert results["net.bpf-tc.tcp1_gbps"]["vs_underlay"] == pytest.approx(15 / 22, abs=1e-3)
+    assert results["net.bpf-tc.udp64_kpps"]["samples"] == 1
+
+
+@pytest.mark.parametrize("bpf_udp, ok", [(121.0, True), (109.0, False)])
+def test_udp_target_is_twice_kernel_vxlan(bpf_udp, ok):
+    results = by_metric(bench_net.summarize(samples(bpf_udp)))
+    record = results["net.bpf-tc.udp64_kpps.vs_vxlan"]
+    assert record["target"] == ">= 2" and record["ok"] is ok
+    assert results["net.bpf-tc.rr_p50_us.vs_vxlan"]["ok"] is True  # 30 us vs 60 us <= 0.75
+    assert results["net.bpf-tc.tcp1_gbps.vs_underlay"]["ok"] is False  # 15 vs 22 < 0.9
+
+
+def test_a_missing_reference_path_gives_no_ratio_and_a_missed_target():
+    partial = samples(121.0)
+    del partial["host-gw"]
+    record = by_metric(bench_net.summarize(partial))["net.bpf-tc.udp64_kpps.vs_host-gw"]
+    assert record["value"] is None and record["ok"] is False
+
+
+def test_report_writes_json_and_chart(tmp_path):
+    results = bench_net.summarize(samples(121.0))
+    json_path, png_path = bench.report(results, {"parts": ["net"]}, tmp_path)
+    document = json.loads(json_path.read_text())
+    assert document["benchmark"] == "bench" and len(document["results"]) == len(results)
+    assert png_path is not None and png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_command_rejects_unknown_parts():
+    done = subprocess.run([sys.executable, "-m", "flannel_bpf", "lab", "bench", "--only", "net,speed"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown part(s) speed" in done.stderr
+
+
+@pytest.mark.slow
+def test_quick_bench_of_every_part_runs_end_to_end(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "flannel_bpf", "lab", "bench", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    document = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    names = {r["metric"] for r in document["results"]}
+    assert {"net.bpf-tc.tcp1_gbps", "net.vxlan.udp64_kpps", "net.underlay.rr_p50_us"} <= names
+    assert any(n.startswith("prog.") for n in names) and any(n.startswith("control.") for n in names)
