@@ -35,7 +35,7 @@ from flannel_bpf.lab.run import PingResult, nsenter_argv, ping
 from flannel_bpf.lab.topology import (DEFAULT_LAB, MAX_HOSTS, POD_NETWORK, UNDERLAY_BRIDGE_ADDRESS,
                                       UNDERLAY_BRIDGES, AgentState, DestroyReport,
                                       EtcdMemberState, EtcdState, Host, Lab, LabError, Pod,
-                                      destroy, list_labs, run_dir)
+                                      destroy, list_labs, read_state, run_dir)
 from flannel_bpf.loader.attach import default_pin_dir
 from flannel_bpf.loader.netns import in_netns
 
@@ -144,16 +144,18 @@ def process_running(pid: int | None, marker: str = "") -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X") and marker in cmdline
 
 
-def end_process(pid: int | None, marker: str, sig: int = signal.SIGTERM,
+def end_process(pid: int | None, marker: str, sig: int | None = signal.SIGTERM,
                 timeout: float = STOP_TIMEOUT) -> bool:
-    """Send `sig` and wait until the process is gone (SIGKILL after `timeout`). False if it
-    was not running."""
+    """Send `sig` (None: it was sent already) and wait until the process is gone, SIGKILL
+    after `timeout`. False if it was not running."""
     if not process_running(pid, marker):
         return False
-    os.kill(pid, sig)
+    if sig is not None:
+        os.kill(pid, sig)
     deadline = time.monotonic() + timeout
     while process_running(pid, marker):
         if time.monotonic() > deadline:
+            log.warning("pid %d did not exit %.0f s after the signal: killing it", pid, timeout)
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5.0
         time.sleep(0.02)
@@ -449,8 +451,28 @@ def join_host(lab: Lab, backend: str, pods: int = 1, *, on_second_subnet: bool =
 
 def down(name: str = DEFAULT_LAB) -> DestroyReport:
     """Remove the lab: agents and etcd (they run inside its namespaces), namespaces, pins,
-    the run directory (etcd data, logs, subnet.env) and the state file. Works after a crash."""
-    return destroy(name)
+    the run directory (etcd data, logs, subnet.env) and the state file. Works after a crash
+    (topology.destroy finds everything by name); with a state file it first stops the agents,
+    then the etcd members one at a time: SIGTERMed together, a 3-member cluster's leader waits
+    ~7 s for a leadership transfer nobody can take."""
+    try:
+        state = read_state(name)
+    except LabError:
+        state = None
+    stopped = []
+    if state is not None:
+        agents = [(h.agent.pid, h.agent.subnet_file) for h in state.hosts
+                  if h.agent and process_running(h.agent.pid, h.agent.subnet_file)]
+        for pid, _ in agents:  # all at once, then wait for each
+            os.kill(pid, signal.SIGTERM)
+        for pid, marker in agents:
+            end_process(pid, marker, None, timeout=5.0)
+        members = [(m.pid, m.data_dir) for m in state.etcd.members] if state.etcd else []
+        stopped = [pid for pid, _ in agents] + [
+            pid for pid, marker in members if end_process(pid, marker, signal.SIGTERM, timeout=5.0)]
+    report = destroy(name)
+    report.killed_pids = sorted(set(stopped) | set(report.killed_pids))
+    return report
 
 
 # ---------------------------------------------------------------------------- reachability

@@ -130,10 +130,11 @@ def counters(host: Host) -> dict[str, int]:
 # ---------------------------------------------------------------------------- leftovers
 
 
-# What a lab could leave in the root namespace by mistake. Other work on this machine (VMs,
-# bridges) changes the root namespace too, so only lines with a lab's footprint count.
-LAB_FOOTPRINT = re.compile(r"198\.1[89]\.|10\.244\.|flannel|FLANNEL|cni0|fbpf|br-ul|vethp\d|"
-                           r"\bh\d+-eth0|rt-eth\d|own9")
+# What a lab could leave in the root namespace by mistake: its underlay subnets (198.18.0.0/24,
+# 198.18.1.0/24), pod network and device names. Other work on this machine (the VM lab's
+# libvirt bridges on 198.18.2-3.0/24) changes the root namespace too and must not count.
+LAB_FOOTPRINT = re.compile(r"198\.18\.[01]\.|198\.18\.0\.0/15|10\.244\.|flannel|FLANNEL|cni0|fbpf-|"
+                           r"br-ul|vethp\d|\bh\d+-eth0|rt-eth\d|own9")
 
 
 def root_snapshot() -> dict[str, set[str]]:
