@@ -2,8 +2,11 @@
 
 Order of work, as flanneld: network config -> uplink -> backend prepared (VtepMAC known,
 programs compiled) ->
-subnet lease (subnet.env written) -> data plane started on the lease -> peers synced -> ready.
-Peer events then reach the backend one at a time from the subnet manager's event thread; a
+subnet lease (subnet.env written) -> data plane started on the lease -> peers synced in one
+batch -> ready (for bpf: once the maps hold every peer; the kernel safety net follows).
+Peer events are coalesced: the subnet manager's event thread only records the latest lease per
+subnet; the applier thread takes everything recorded and hands it to the backend as one batch,
+so a burst of events costs one batch and no event waits behind another's netlink work. A
 reconcile tick picks up what etcd never reports (the pod bridge appearing, local pods).
 On SIGTERM/SIGINT the data plane stays as it is, pinned and forwarding, unless cleanup was
 asked for: a restarted agent adopts it and reconciles it with etcd.
@@ -21,6 +24,7 @@ from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.registry import SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, SubnetManager
 from flannel_bpf.controller.uplink import Uplink
+from flannel_bpf.loader.coalesce import CoalescingWorker
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,8 @@ class Agent:
         self._stop = threading.Event()
         self._wake = threading.Event()  # reconcile now (netlink event or stop)
         self._backend_lock = threading.Lock()  # one writer of kernel state at a time
+        # subnet -> latest Lease (None: removed), applied in batches once synced
+        self.applier = CoalescingWorker("flannel-bpf-apply", self._apply_batch)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -151,6 +157,7 @@ class Agent:
             self.masq = IpMasq(self.config.network, lease.subnet)
             self.masq.apply()
         self._sync_when_listed()
+        self.applier.start()
         return lease
 
     def _load_config(self) -> NetworkConfig:
@@ -174,9 +181,12 @@ class Agent:
             if self._stop.is_set():
                 return
         with self._backend_lock:
+            # The events recorded so far are all in this listing: one batch for everything.
+            self.applier.take()
             self.backend.sync(self.manager.peers())
         self._ready.set()
-        log.info("ready: %d peers programmed", len(self.backend.programmed))
+        log.info("ready: %d peers programmed (kernel fallback pending for %d)",
+                 len(self.backend.programmed), self.backend.fallback_pending)
 
     def reconcile(self) -> None:
         try:
@@ -193,6 +203,7 @@ class Agent:
         self._ready.clear()
         if self.manager is not None:
             self.manager.stop(release=self.options.cleanup_on_exit)
+        self.applier.stop()
         if self.backend is not None and self._started.is_set():
             with self._backend_lock:
                 self.backend.stop(cleanup=self.options.cleanup_on_exit)
@@ -206,14 +217,14 @@ class Agent:
     # -- subnet manager hooks (its event thread) ---------------------------------------------
 
     def on_peer_event(self, event: PeerEvent) -> None:
-        while not self._started.wait(1.0):
-            if self._stop.is_set():
-                return
-        try:
-            with self._backend_lock:
-                self.backend.apply(event)
-        except Exception as err:  # one bad peer must not stop the others
-            log.error("peer %s: %s", event.lease.subnet, err)
+        """Only records the latest lease of the subnet: the applier does the work."""
+        self.applier.submit({event.lease.subnet: None if event.kind == "removed" else event.lease})
+
+    def _apply_batch(self, leases: dict) -> None:
+        """The applier thread: everything recorded since the last batch (a failing batch is
+        retried by the worker, newer leases winning)."""
+        with self._backend_lock:
+            self.backend.apply_batch(leases)
 
     def _lease_reacquired(self, old: Lease, new: Lease) -> None:
         if old.subnet == new.subnet:
@@ -256,11 +267,20 @@ class Agent:
             "lease_expiry": lease.expires_at if lease else None,
             "etcd_reconnects": self.manager.reconnect_count if self.manager else 0,
             "lease_reacquired": self.manager.reacquired_count if self.manager else 0,
+            "peer_events_pending": self.applier.pending,
+            "fallback_pending": self.backend.fallback_pending if self.backend is not None else 0,
+            "netlink_failures": len(self.backend.netlink_failures) if self.backend is not None else 0,
         }
 
 
 def options_from_args(args: argparse.Namespace) -> AgentOptions:
-    from flannel_bpf.controller.flags import renew_margin_seconds
+    """AgentOptions from the parsed flags; FlagError when they do not go together."""
+    from flannel_bpf.controller.flags import FlagError, renew_margin_seconds
+    if renew_margin_seconds(args) >= args.subnet_lease_ttl:
+        raise FlagError(f"--subnet-lease-renew-margin ({renew_margin_seconds(args)} s) must be shorter than "
+                        f"the lease TTL ({args.subnet_lease_ttl} s)")
+    if args.reconcile_interval <= 0:
+        raise FlagError("--reconcile-interval must be positive")
     return AgentOptions(
         backend=args.backend, decap=args.decap, bridge=args.bridge, pin_dir=args.pin_dir,
         cleanup_on_exit=args.cleanup_on_exit, reconcile_interval=args.reconcile_interval,
