@@ -2,18 +2,21 @@
 
 Needs the peers on the uplink's L2 segment (flanneld's kernel route add fails otherwise;
 here the peer is reported as a failure saying so). Acts on the calling thread's namespace.
+Batches are linear: the uplink is resolved once, then per peer a route lookup and the route.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import threading
+from ipaddress import IPv4Network
+from typing import Collection, Iterable
 
 from pyroute2 import IPRoute
 
 from flannel_bpf.loader.peer import Peer
-from flannel_bpf.loader.routes import (BackendError, PeerFailure, PeerRejected,
+from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, PeerFailure, PeerRejected,
                                        delete_our_routes, delete_route, for_each_peer,
-                                       is_on_link, link_index, reject_own_address,
-                                       replace_route, require_link, route_kind)
+                                       is_on_link, link_index, prune_our_routes,
+                                       reject_own_address, replace_route, require_link)
 
 __all__ = ["HostGwBackend", "Peer", "PeerFailure", "BackendError", "is_on_link"]
 
@@ -27,23 +30,38 @@ class HostGwBackend:
         with IPRoute() as ipr:
             return require_link(ipr, self.uplink, "uplink")
 
-    def apply_peers(self, peers: Iterable[Peer]) -> list[PeerFailure]:
-        with IPRoute() as ipr:
-            uplink = require_link(ipr, self.uplink, "uplink")
+    def apply_peers(self, peers: Iterable[Peer], cancel: threading.Event | None = None) -> list[PeerFailure]:
+        return self.update(apply=peers, cancel=cancel)
 
-            def apply(peer: Peer) -> None:
-                kind = route_kind(peer.public_ip, ipr)
+    def remove_peers(self, peers: Iterable[Peer], cancel: threading.Event | None = None) -> list[PeerFailure]:
+        return self.update(remove=peers, cancel=cancel)
+
+    def update(self, apply: Iterable[Peer] = (), remove: Iterable[Peer] = (),
+               cancel: threading.Event | None = None) -> list[PeerFailure]:
+        """One batch over peers of distinct subnets: remove `remove`, then program `apply`."""
+        apply, remove = list(apply), list(remove)
+        if not apply and not remove:
+            return []
+        with IPRoute() as ipr:
+            lookups = NetlinkLookups(ipr)
+            uplink = lookups.require_link(self.uplink, "uplink") if apply else None
+
+            def program(peer: Peer) -> None:
+                kind = lookups.route_kind(peer.public_ip)
                 reject_own_address(peer, kind)
                 if kind != "onlink":
                     raise PeerRejected(f"{peer.public_ip} is not on {self.uplink}'s L2 segment "
                                        "(host-gw needs every peer to be)")
                 replace_route(ipr, peer.subnet, peer.public_ip, uplink)
 
-            return for_each_peer(peers, apply, "program")
+            failures = for_each_peer(remove, lambda p: delete_route(ipr, p.subnet), "remove", cancel)
+            return failures + for_each_peer(apply, program, "program", cancel)
 
-    def remove_peers(self, peers: Iterable[Peer]) -> list[PeerFailure]:
+    def prune(self, keep: Collection[IPv4Network], cancel: threading.Event | None = None) -> list[IPv4Network]:
+        """Remove our routes through the uplink to subnets not in `keep`; returns them."""
         with IPRoute() as ipr:
-            return for_each_peer(peers, lambda p: delete_route(ipr, p.subnet), "remove")
+            uplink = link_index(ipr, self.uplink)
+            return [] if uplink is None else prune_our_routes(ipr, [uplink], keep, cancel)
 
     def teardown(self) -> None:
         with IPRoute() as ipr:

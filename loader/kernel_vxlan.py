@@ -7,6 +7,9 @@
   (self, permanent), route <subnet> via <peer .0> dev flannel.<VNI> onlink;
 - with DirectRouting and the peer on-link: only route <subnet> via <PublicIP> dev <uplink>.
 
+Peers are programmed in batches (`update`), linear in the batch: a peer costs its own three
+netlink calls, plus a route lookup with DirectRouting.
+
 Everything acts on the calling thread's network namespace (see loader.netns.in_netns).
 The BPF backend reuses this device as its kernel fallback path.
 """
@@ -15,19 +18,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Iterable
+from socket import AF_INET
+from typing import Collection, Iterable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from flannel_bpf.loader.peer import MAX_VNI, Peer, normalize_mac
-from flannel_bpf.loader.routes import (BackendError, PeerFailure, PeerRejected,
+from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, PeerFailure, PeerRejected,
                                        delete_our_routes, delete_route, for_each_peer,
-                                       is_on_link, link_index, reject_own_address,
-                                       replace_route, require_link, route_kind)
+                                       is_on_link, link_index, prune_our_routes, replace_route,
+                                       require_link)
 
 log = logging.getLogger(__name__)
 
@@ -170,18 +175,53 @@ class KernelVxlanBackend:
 
     # ------------------------------------------------------------------ peers
 
-    def apply_peers(self, peers: Iterable[Peer]) -> list[PeerFailure]:
+    def apply_peers(self, peers: Iterable[Peer], cancel: threading.Event | None = None) -> list[PeerFailure]:
         """Program (or re-program) peers; returns the ones that could not be, with reasons."""
-        with IPRoute() as ipr:
-            vx = require_link(ipr, self.name, "VXLAN device (call setup() first)")
-            uplink = require_link(ipr, self.uplink, "uplink")
-            return for_each_peer(peers, lambda p: self._apply(ipr, vx, uplink, p), "program")
+        return self.update(apply=peers, cancel=cancel)
 
-    def remove_peers(self, peers: Iterable[Peer]) -> list[PeerFailure]:
+    def remove_peers(self, peers: Iterable[Peer], cancel: threading.Event | None = None) -> list[PeerFailure]:
         """Remove the route, neighbour and FDB entry of each peer, whichever mode it was in."""
+        return self.update(remove=peers, cancel=cancel)
+
+    def update(self, apply: Iterable[Peer] = (), remove: Iterable[Peer] = (),
+               cancel: threading.Event | None = None) -> list[PeerFailure]:
+        """One batch over peers of distinct subnets: remove `remove`, then program `apply`.
+        Linear in the batch: links are resolved and flannel.<VNI>'s neighbours read once per
+        batch, then per peer only its own calls. Stops early once `cancel` is set."""
+        apply, remove = list(apply), list(remove)
+        if not apply and not remove:
+            return []
         with IPRoute() as ipr:
-            vx = link_index(ipr, self.name)
-            return for_each_peer(peers, lambda p: self._remove(ipr, vx, p), "remove")
+            lookups = NetlinkLookups(ipr)
+            if apply:
+                vx = lookups.require_link(self.name, "VXLAN device (call setup() first)")
+                uplink = lookups.require_link(self.uplink, "uplink")
+            else:
+                vx, uplink = lookups.link(self.name), None
+            batch = len(apply) + len(remove)
+            vteps = None if vx is None else VtepNeighbours(ipr, vx, dump=batch > VtepNeighbours.DUMP_ABOVE)
+            failures = for_each_peer(remove, lambda p: self._remove(ipr, vx, vteps, p), "remove", cancel)
+            return failures + for_each_peer(
+                apply, lambda p: self._apply(ipr, lookups, vx, uplink, vteps, p), "program", cancel)
+
+    def prune(self, keep: Collection[IPv4Network], cancel: threading.Event | None = None) -> list[IPv4Network]:
+        """Remove what no peer in `keep` needs: our routes through the uplink or flannel.<VNI>
+        to other subnets, and the VTEP neighbours of other subnets (with their FDB entries).
+        Returns the route destinations removed."""
+        keep = set(keep)
+        with IPRoute() as ipr:
+            lookups = NetlinkLookups(ipr)
+            vx, uplink = lookups.link(self.name), lookups.link(self.uplink)
+            removed = prune_our_routes(ipr, [i for i in (vx, uplink) if i is not None], keep, cancel)
+            if vx is not None:
+                kept = {subnet.network_address for subnet in keep}
+                vteps = VtepNeighbours(ipr, vx, dump=True)
+                for ip in [ip for ip, (_, state) in vteps.entries.items()
+                           if state & _PERMANENT and ip not in kept]:
+                    if cancel is not None and cancel.is_set():
+                        break
+                    self._forget_vtep(ipr, vx, vteps, ip)
+            return removed
 
     def teardown(self) -> None:
         """Remove the device (its routes, neighbours and FDB go with it) and our direct routes."""
@@ -193,47 +233,77 @@ class KernelVxlanBackend:
             if uplink is not None:
                 delete_our_routes(ipr, oif=uplink)
 
-    def _apply(self, ipr: IPRoute, vx: int, uplink: int, peer: Peer) -> None:
+    def _apply(self, ipr: IPRoute, lookups: NetlinkLookups, vx: int, uplink: int,
+               vteps: "VtepNeighbours", peer: Peer) -> None:
         if peer.vni != self.vni:
             raise PeerRejected(f"peer VNI {peer.vni} differs from ours ({self.vni})")
-        kind = route_kind(peer.public_ip, ipr)
-        reject_own_address(peer, kind)
-        if self.direct_routing and kind == "onlink":
-            self._forget_vtep(ipr, vx, peer.vtep_ip)
+        if lookups.routes_directly(peer, self.direct_routing):
+            self._forget_vtep(ipr, vx, vteps, peer.vtep_ip)
             replace_route(ipr, peer.subnet, peer.public_ip, uplink)
             return
         if peer.vtep_mac is None:
             raise PeerRejected("peer has no VtepMAC")
-        self._forget_vtep(ipr, vx, peer.vtep_ip, keep_mac=peer.vtep_mac)
+        self._forget_vtep(ipr, vx, vteps, peer.vtep_ip, keep_mac=peer.vtep_mac)
         ipr.neigh("replace", ifindex=vx, dst=str(peer.vtep_ip), lladdr=peer.vtep_mac,
                   state=_PERMANENT)
+        vteps.entries[peer.vtep_ip] = (peer.vtep_mac, _PERMANENT)
         ipr.fdb("replace", ifindex=vx, lladdr=peer.vtep_mac, dst=str(peer.public_ip),
                 state=_PERMANENT, flags=_NTF_SELF)
         # Last, as flannel does: the neighbour above spares the kernel an ARP for the gateway.
         replace_route(ipr, peer.subnet, peer.vtep_ip, vx, onlink=True)
 
-    def _remove(self, ipr: IPRoute, vx: int | None, peer: Peer) -> None:
+    def _remove(self, ipr: IPRoute, vx: int | None, vteps: "VtepNeighbours | None", peer: Peer) -> None:
         delete_route(ipr, peer.subnet)
         if vx is not None:
-            self._forget_vtep(ipr, vx, peer.vtep_ip)
-            if peer.vtep_mac:
+            forgotten = self._forget_vtep(ipr, vx, vteps, peer.vtep_ip)
+            if peer.vtep_mac and peer.vtep_mac != forgotten:
                 _delete_fdb(ipr, vx, peer.vtep_mac)
 
-    def _forget_vtep(self, ipr: IPRoute, vx: int, vtep_ip: IPv4Address,
-                     keep_mac: str | None = None) -> None:
+    def _forget_vtep(self, ipr: IPRoute, vx: int, vteps: "VtepNeighbours", vtep_ip: IPv4Address,
+                     keep_mac: str | None = None) -> str | None:
         """Drop the neighbour of a peer's .0 and the FDB entry of its MAC, unless that MAC is
-        `keep_mac`: a peer that changed VtepMAC or went direct leaves no stale entries."""
-        for n in ipr.neigh("dump", ifindex=vx, family=2):
-            if n.get_attr("NDA_DST") != str(vtep_ip):
-                continue
-            mac = n.get_attr("NDA_LLADDR")
-            if mac and mac != keep_mac:
-                _delete_fdb(ipr, vx, mac)
-                try:
-                    ipr.neigh("del", ifindex=vx, dst=str(vtep_ip))
-                except NetlinkError as e:
-                    if e.code != errno.ENOENT:
-                        raise
+        `keep_mac`: a peer that changed VtepMAC or went direct leaves no stale entries.
+        Returns the MAC dropped, if any."""
+        mac = vteps.mac(vtep_ip)
+        if not mac or mac == keep_mac:
+            return None
+        _delete_fdb(ipr, vx, mac)
+        try:
+            ipr.neigh("del", ifindex=vx, dst=str(vtep_ip))
+        except NetlinkError as e:
+            if e.code != errno.ENOENT:
+                raise
+        vteps.entries.pop(vtep_ip, None)
+        return mac
+
+
+class VtepNeighbours:
+    """The neighbours of flannel.<VNI> (peer .0 address -> (MAC, NUD state)) as one batch needs
+    them: read with one dump (`dump`, for a large batch), or asked one address at a time (for a
+    small one: a dump costs ~0.1 ms per entry of the whole table)."""
+
+    DUMP_ABOVE = 32  # batches of more peers read the table with one dump
+
+    def __init__(self, ipr: IPRoute, vx: int, dump: bool):
+        self.ipr, self.vx = ipr, vx
+        self.entries: dict[IPv4Address, tuple[str | None, int]] = {}
+        self._complete = dump
+        if self._complete:
+            for n in ipr.neigh("dump", ifindex=vx, family=AF_INET):
+                if n["ifindex"] == vx and n.get_attr("NDA_DST"):
+                    self.entries[IPv4Address(n.get_attr("NDA_DST"))] = (n.get_attr("NDA_LLADDR"), n["state"])
+
+    def mac(self, ip: IPv4Address) -> str | None:
+        if ip not in self.entries and not self._complete:
+            try:
+                found = self.ipr.neigh("get", ifindex=self.vx, dst=str(ip))
+            except NetlinkError as e:
+                if e.code != errno.ENOENT:
+                    raise
+                found = ()
+            if found:
+                self.entries[ip] = (found[0].get_attr("NDA_LLADDR"), found[0]["state"])
+        return self.entries.get(ip, (None, 0))[0]
 
 
 def _delete_fdb(ipr: IPRoute, vx: int, mac: str) -> None:

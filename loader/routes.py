@@ -1,12 +1,17 @@
 """Netlink pieces shared by the kernel backends (vxlan, host-gw): routes we own, on-link
-checks, and applying a batch of peers without one bad peer stopping the rest."""
+checks, per-batch lookups, and applying a batch of peers without one bad peer stopping the rest.
+
+Every call here is one netlink round trip (~0.3-0.6 ms with pyroute2 0.9), a dump one per
+entry: batches resolve links and addresses once and never dump per peer."""
 from __future__ import annotations
 
 import errno
 import logging
+import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Callable, Iterable
+from socket import AF_INET
+from typing import Callable, Collection, Iterable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -40,12 +45,20 @@ class PeerFailure:
 
 
 def link_index(ipr: IPRoute, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
+    """The ifindex of `ifname` (one RTM_GETLINK by name, no dump), None if there is none."""
+    try:
+        return ipr.link("get", ifname=ifname)[0]["index"]
+    except NetlinkError as e:
+        if e.code in _GONE:
+            return None
+        raise
 
 
 def require_link(ipr: IPRoute, ifname: str, role: str) -> int:
-    idx = link_index(ipr, ifname)
+    return _required(link_index(ipr, ifname), ifname, role)
+
+
+def _required(idx: int | None, ifname: str, role: str) -> int:
     if idx is None:
         raise BackendError(f"{role} {ifname!r} does not exist in this network namespace")
     return idx
@@ -102,25 +115,94 @@ def delete_route(ipr: IPRoute, dst: IPv4Network) -> bool:
         raise
 
 
-def our_routes(ipr: IPRoute, oif: int | None = None) -> list[IPv4Network]:
+def our_routes(ipr: IPRoute, oif: int | Collection[int] | None = None) -> list[IPv4Network]:
+    """Destinations of our routes (by protocol) in the main table, through `oif` (one ifindex
+    or several) or any device: one route dump."""
+    oifs = None if oif is None else {oif} if isinstance(oif, int) else set(oif)
     result = []
-    for r in ipr.route("dump", table=MAIN_TABLE):
-        if r["proto"] != ROUTE_PROTO or (oif is not None and r.get_attr("RTA_OIF") != oif):
+    for r in ipr.route("dump", table=MAIN_TABLE, family=AF_INET):
+        if r["proto"] != ROUTE_PROTO or (oifs is not None and r.get_attr("RTA_OIF") not in oifs):
             continue
         result.append(IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"))
     return result
 
 
-def delete_our_routes(ipr: IPRoute, oif: int | None = None) -> int:
+def delete_our_routes(ipr: IPRoute, oif: int | Collection[int] | None = None) -> int:
     return sum(delete_route(ipr, dst) for dst in our_routes(ipr, oif))
 
 
+def prune_our_routes(ipr: IPRoute, oifs: Collection[int], keep: Collection[IPv4Network],
+                     cancel: threading.Event | None = None) -> list[IPv4Network]:
+    """Delete our routes through `oifs` whose destination is not in `keep` (what an earlier
+    agent left for peers that went away); returns the destinations deleted."""
+    keep = set(keep)
+    deleted = []
+    for dst in our_routes(ipr, oifs):
+        if cancel is not None and cancel.is_set():
+            break
+        if dst not in keep and delete_route(ipr, dst):
+            deleted.append(dst)
+    return deleted
+
+
+class NetlinkLookups:
+    """What a batch of peers needs to know about this node, asked once per batch on one
+    IPRoute: link indexes (by name, cached), our own addresses (one address dump), and how
+    each peer address is reached (one route lookup per address, only where it matters)."""
+
+    def __init__(self, ipr: IPRoute):
+        self.ipr = ipr
+        self._links: dict[str, int | None] = {}
+        self._own: tuple[set[IPv4Address], list[IPv4Network]] | None = None
+        self._kinds: dict[IPv4Address, str] = {}
+
+    def link(self, ifname: str) -> int | None:
+        if ifname not in self._links:
+            self._links[ifname] = link_index(self.ipr, ifname)
+        return self._links[ifname]
+
+    def require_link(self, ifname: str, role: str) -> int:
+        return _required(self.link(ifname), ifname, role)
+
+    def route_kind(self, ip: IPv4Address) -> str:
+        if ip not in self._kinds:
+            self._kinds[ip] = route_kind(ip, self.ipr)
+        return self._kinds[ip]
+
+    def is_own_address(self, ip: IPv4Address) -> bool:
+        """One of this node's addresses (what route_kind calls "local"), from one address dump:
+        every IPv4 address, and the whole prefix of a loopback address (127.0.0.0/8)."""
+        if self._own is None:
+            addresses, loopback = set(), []
+            for a in self.ipr.get_addr(family=AF_INET):
+                address = IPv4Address(a.get_attr("IFA_ADDRESS"))
+                addresses.add(IPv4Address(a.get_attr("IFA_LOCAL") or address))
+                if address.is_loopback:
+                    loopback.append(IPv4Network(f"{address}/{a['prefixlen']}", strict=False))
+            self._own = addresses, loopback
+        addresses, loopback = self._own
+        return ip in addresses or any(ip in net for net in loopback)
+
+    def routes_directly(self, peer: Peer, direct_routing: bool) -> bool:
+        """Whether `peer` is routed straight to its public IP (DirectRouting and on-link, as
+        flannel decides it) rather than through VXLAN; raises PeerRejected when that IP is ours.
+        Without DirectRouting no route lookup is needed, only our own addresses."""
+        if direct_routing:
+            kind = self.route_kind(peer.public_ip)
+        else:
+            kind = "local" if self.is_own_address(peer.public_ip) else "remote"
+        reject_own_address(peer, kind)
+        return direct_routing and kind == "onlink"
+
+
 def for_each_peer(peers: Iterable[Peer], action: Callable[[Peer], None],
-                  verb: str) -> list[PeerFailure]:
-    """Run `action` on every peer; collect, log and return the failures instead of raising,
-    so one bad lease never keeps the others from being programmed."""
+                  verb: str, cancel: threading.Event | None = None) -> list[PeerFailure]:
+    """Run `action` on every peer (until `cancel` is set); collect, log and return the failures
+    instead of raising, so one bad lease never keeps the others from being programmed."""
     failures = []
     for peer in peers:
+        if cancel is not None and cancel.is_set():
+            break
         try:
             action(peer)
         except (PeerRejected, NetlinkError) as e:

@@ -1,0 +1,114 @@
+"""A latest-state-wins work queue: producers record a value per key, one thread takes
+everything pending at once and works on it as one batch. A key submitted again before its
+batch started is worked on once, so a burst of changes costs one batch, not one per change."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Callable, Hashable, Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+
+class CoalescingWorker:
+    """`work(batch)` runs on the worker's own thread (started by `start()`, in the network
+    namespace of the thread calling it) with a dict of everything submitted since the last
+    batch. A batch that raises is logged and its items submitted again (newer values submitted
+    meanwhile win), after `retry_delay` seconds."""
+
+    def __init__(self, name: str, work: Callable[[dict], None], retry_delay: float = 1.0):
+        self.name = name
+        self.retry_delay = retry_delay
+        self.cancel = threading.Event()  # set by stop(): a long batch should end early
+        self.batches = 0                 # batches worked on
+        self.items = 0                   # items in them, all told
+        self._work = work
+        self._pending: dict = {}
+        self._in_flight = 0
+        self._holds = 0
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, items: Mapping[Hashable, object], keep_first: bool = False) -> None:
+        """Record `items`; with keep_first, a key already pending keeps its value."""
+        if not items:
+            return
+        with self._changed:
+            if keep_first:
+                for key, value in items.items():
+                    self._pending.setdefault(key, value)
+            else:
+                self._pending.update(items)
+            self._changed.notify_all()
+
+    def take(self) -> dict:
+        """Everything pending, which no batch will see (the caller handles it)."""
+        with self._changed:
+            taken, self._pending = self._pending, {}
+            return taken
+
+    @property
+    def pending(self) -> int:
+        """Items submitted and not yet worked on, those of the batch running included."""
+        with self._changed:
+            return len(self._pending) + self._in_flight
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop after the running batch (which sees `cancel` set); False if it did not end."""
+        self.cancel.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """True once nothing is pending or running (False after `timeout` seconds)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._pending and not self._in_flight, timeout)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """No batch starts inside the block (one already running finishes): what is submitted
+        meanwhile coalesces into the next batch."""
+        with self._changed:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._holds -= 1
+                self._changed.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self.cancel.is_set() or (self._pending and not self._holds))
+                if self.cancel.is_set():
+                    return
+                batch, self._pending = self._pending, {}
+                self._in_flight = len(batch)
+            failed = False
+            try:
+                self._work(batch)
+            except Exception:  # the worker must outlive a failing batch; the batch is retried
+                log.exception("%s: a batch of %d failed; retrying in %g s", self.name, len(batch),
+                              self.retry_delay)
+                failed = True
+            with self._changed:
+                self._in_flight = 0
+                self.batches += 1
+                self.items += len(batch)
+                if failed:
+                    for key, value in batch.items():
+                        self._pending.setdefault(key, value)
+                self._changed.notify_all()
+            if failed:
+                self.cancel.wait(self.retry_delay)
