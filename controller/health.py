@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 class AgentCollector:
     """Reads the agent's state at scrape time. `snapshot()` returns a dict with: peers,
     map_entries {map: count}, counters {name: (packets, bytes)}, lease_expiry (unix time or
-    None), etcd_reconnects, lease_reacquired, ready."""
+    None), etcd_reconnects, lease_reacquired, ready, and optionally peer_events_pending,
+    fallback_pending, netlink_failures."""
 
     def __init__(self, snapshot: Callable[[], dict]):
         self.snapshot = snapshot
@@ -49,6 +50,16 @@ class AgentCollector:
                                   value=s["etcd_reconnects"])
         yield CounterMetricFamily("flannel_bpf_lease_reacquired", "times our lost lease was taken again",
                                   value=s["lease_reacquired"])
+        for key, doc in _QUEUE_GAUGES:
+            if key in s:
+                yield _gauge(f"flannel_bpf_{key}", doc, s[key])
+
+
+_QUEUE_GAUGES = (
+    ("peer_events_pending", "peer changes recorded and not yet applied"),
+    ("fallback_pending", "peers whose kernel safety net (neighbour, FDB entry, route) is not programmed yet"),
+    ("netlink_failures", "peers the kernel refused to program (the agent's log says why)"),
+)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

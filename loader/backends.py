@@ -3,9 +3,16 @@
 
 The agent calls `prepare()` (slow work, before peers can see us), publishes the lease (for vxlan
 and bpf with the `vtep_mac` the backend keeps from an existing device or makes), then calls
-`start(lease)` (program this node; adopts what a previous agent left), then `apply(event)` per
-peer event and `sync(peers)` to make the kernel match a full peer listing exactly;
-`reconcile()` every few seconds (attach points that appeared, local pods); `stop(cleanup)`.
+`start(lease)` (program this node; adopts what a previous agent left), `sync(peers)` to make the
+kernel match a full peer listing exactly, then `apply_batch(leases)` with the latest lease (or
+None) of every subnet that changed since the last batch; `reconcile()` every few seconds
+(attach points that appeared, local pods); `stop(cleanup)`.
+
+`programmed` is the desired state: the peers this node forwards to. The kernel's per-peer state
+(neighbour, FDB entry, route, as flanneld programs them) follows it in linear batches: inline for
+`vxlan` and `host-gw`; for `bpf` the maps are written first (the fast path forwards at once) and
+a background thread programs that safety net, each subnet with its latest desired peer, so a
+peer that changed again meanwhile is programmed once and a removed one is never put back.
 """
 from __future__ import annotations
 
@@ -14,22 +21,26 @@ import socket
 import threading
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Mapping
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_bpf.controller.config import BackendConfig
 from flannel_bpf.controller.lease import Lease
 from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader import attach, host_gw
+from flannel_bpf.loader.coalesce import CoalescingWorker
 from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
 from flannel_bpf.loader.layout import PeerMode
 from flannel_bpf.loader.peer import Peer
-from flannel_bpf.loader.routes import PeerFailure, is_on_link, link_index, our_routes
+from flannel_bpf.loader.routes import NetlinkLookups, PeerRejected, link_index
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BRIDGE = "cni0"
+_PRUNE = object()  # in a fallback batch: then remove what no peer holds (after a full sync)
 # Neighbour states that name a pod we can deliver to (not INCOMPLETE/FAILED/NOARP).
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT
 _NUD_PERMANENT = 0x80
@@ -41,16 +52,10 @@ def peer_of(lease: Lease) -> Peer:
                 vni=lease.vni if lease.vni is not None else 1)
 
 
-def _log_failures(failures: list[PeerFailure]) -> bool:
-    for failure in failures:
-        log.warning("peer %s at %s not programmed: %s", failure.peer.subnet, failure.peer.public_ip,
-                    failure.reason)
-    return not failures
-
-
 class KernelBackend:
-    """What the backends share: peers of one accepted lease type, diffed against what is
-    programmed and applied through a loader kernel backend (`self.kernel`)."""
+    """What the backends share: the desired peers (`programmed`, from leases of one accepted
+    type, changed in batches) and the kernel's per-peer state made to match them through a
+    loader kernel backend (`self.kernel`), inline."""
 
     name = ""
     lease_type = ""
@@ -60,8 +65,10 @@ class KernelBackend:
         self.uplink = uplink
         self.kernel = None
         self.programmed: dict[IPv4Network, Peer] = {}
+        self.netlink_failures: dict[IPv4Network, str] = {}  # desired peers the kernel refused
         self._skipped: set[tuple] = set()
-        self._lock = threading.Lock()
+        self._state_lock = threading.Lock()    # `programmed`, as netlink programming reads it
+        self._netlink_lock = threading.Lock()  # one netlink programmer at a time
 
     def prepare(self) -> None:
         """Slow work that needs no lease, done before the lease is published: peers start
@@ -70,8 +77,14 @@ class KernelBackend:
     def start(self, lease: Lease) -> None:
         raise NotImplementedError
 
+    # -- desired state -------------------------------------------------------------------------
+
+    def _skip(self, subnet: IPv4Network, what: str, reason: str) -> None:
+        if (subnet, reason) not in self._skipped:  # once per peer and reason, not per renewal
+            self._skipped.add((subnet, reason))
+            log.warning("ignoring peer %s: %s", what, reason)
+
     def _desired(self, lease: Lease) -> Peer | None:
-        reason = None
         if lease.backend_type != self.lease_type:
             reason = f"backend type {lease.backend_type!r} is not {self.lease_type!r}"
         else:
@@ -79,62 +92,92 @@ class KernelBackend:
                 return peer_of(lease)
             except ValueError as err:
                 reason = str(err)
-        if (lease.subnet, reason) not in self._skipped:  # once per peer, not per renewal
-            self._skipped.add((lease.subnet, reason))
-            log.warning("ignoring peer %s: %s", lease.describe(), reason)
+        self._skip(lease.subnet, lease.describe(), reason)
         return None
 
     def apply(self, event: PeerEvent) -> None:
-        with self._lock:
-            self._apply_locked(event.lease.subnet, None if event.kind == "removed" else event.lease)
+        """One peer event: a batch of one."""
+        self.apply_batch({event.lease.subnet: None if event.kind == "removed" else event.lease})
 
-    def sync(self, peers: dict[IPv4Network, Lease]) -> None:
+    def apply_batch(self, leases: Mapping[IPv4Network, Lease | None]) -> None:
+        """Make each subnet's peer the lease given for it (None: no peer), in one batch."""
+        self._commit(self._wanted(leases), full=False)
+
+    def sync(self, peers: Mapping[IPv4Network, Lease]) -> None:
         """Make the kernel hold exactly `peers`: also removes what an earlier agent left for
         peers that went away while no agent ran."""
-        with self._lock:
-            for subnet in [s for s in self.programmed if s not in peers]:
-                self._apply_locked(subnet, None)
-            for subnet, lease in peers.items():
-                self._apply_locked(subnet, lease)
-            self._prune_leftovers()
+        leases: dict[IPv4Network, Lease | None] = dict.fromkeys(self.programmed)
+        leases.update(peers)
+        self._commit(self._wanted(leases), full=True)
 
-    def _apply_locked(self, subnet: IPv4Network, lease: Lease | None) -> None:
-        old = self.programmed.get(subnet)
-        new = self._desired(lease) if lease is not None else None
-        if old == new:
-            return
-        if old is not None:
-            _log_failures(self._remove(old))
-            del self.programmed[subnet]
-        if new is not None and _log_failures(self._add(new)):
-            self.programmed[subnet] = new
+    def _wanted(self, leases: Mapping[IPv4Network, Lease | None]) -> dict[IPv4Network, Peer | None]:
+        return {subnet: None if lease is None else self._desired(lease) for subnet, lease in leases.items()}
 
-    def _add(self, peer: Peer) -> list[PeerFailure]:
-        return self.kernel.apply_peers([peer])
+    def _record(self, wanted: Mapping[IPv4Network, Peer | None]) -> dict[IPv4Network, Peer | None]:
+        """Make `programmed` hold `wanted`; returns the subnets that changed, each with the peer
+        it had before (what the kernel was last asked to hold for it)."""
+        before = {}
+        with self._state_lock:
+            for subnet, peer in wanted.items():
+                old = self.programmed.get(subnet)
+                if old == peer:
+                    continue
+                before[subnet] = old
+                if peer is None:
+                    del self.programmed[subnet]
+                else:
+                    self.programmed[subnet] = peer
+        return before
 
-    def _remove(self, peer: Peer) -> list[PeerFailure]:
-        return self.kernel.remove_peers([peer])
+    def _commit(self, wanted: Mapping[IPv4Network, Peer | None], full: bool) -> None:
+        self._program_kernel(self._record(wanted), prune=full)
 
-    def _route_oifs(self, ipr: IPRoute) -> list[int]:
-        return [self.uplink.ifindex]
+    # -- the kernel's per-peer state ---------------------------------------------------------------
 
-    def _prune_leftovers(self) -> None:
-        """Routes of ours (by protocol) for subnets no peer holds any more."""
-        with IPRoute() as ipr:
-            for oif in self._route_oifs(ipr):
-                for subnet in our_routes(ipr, oif=oif):
-                    if subnet not in self.programmed:
-                        _log_failures(self._remove(Peer(subnet=subnet, public_ip=self.uplink.ip)))
+    def _program_kernel(self, dirty: Mapping[IPv4Network, Peer | None], prune: bool = False,
+                        cancel: threading.Event | None = None) -> None:
+        """Bring the kernel's state for the `dirty` subnets (each with the peer it was last
+        given, or None) to what `programmed` holds for them now, read under the lock: whatever
+        changed meanwhile, the latest desired peer is what gets programmed. With `prune`, then
+        remove our routes and neighbours for subnets no peer holds (an earlier agent's)."""
+        with self._netlink_lock:
+            with self._state_lock:
+                latest = {subnet: self.programmed.get(subnet) for subnet in dirty}
+            apply = [peer for peer in latest.values() if peer is not None]
+            remove = [dirty[subnet] or Peer(subnet=subnet, public_ip=self.uplink.ip)
+                      for subnet, peer in latest.items() if peer is None]
+            failures = self.kernel.update(apply=apply, remove=remove, cancel=cancel)
+            refused = {f.peer.subnet: f.reason for f in failures if latest.get(f.peer.subnet) is not None}
+            if refused:  # what the kernel held for them before (a route, an older MAC) goes
+                self.kernel.update(remove=[dirty[subnet] or Peer(subnet=subnet, public_ip=self.uplink.ip)
+                                           for subnet in refused], cancel=cancel)
+            with self._state_lock:
+                for subnet in dirty:
+                    self.netlink_failures.pop(subnet, None)
+                self.netlink_failures.update(refused)
+            if prune and not (cancel is not None and cancel.is_set()):
+                with self._state_lock:
+                    keep = set(self.programmed)
+                removed = self.kernel.prune(keep, cancel)
+                if removed:
+                    log.info("removed routes of %d peers that left while no agent ran", len(removed))
+
+    @property
+    def fallback_pending(self) -> int:
+        """Peers whose kernel state is not programmed yet (netlink runs inline here: none)."""
+        return 0
 
     def reconcile(self) -> None:
         pass
 
     def stop(self, cleanup: bool) -> None:
         if cleanup and self.kernel is not None:
-            self.kernel.teardown()
+            with self._netlink_lock:
+                self.kernel.teardown()
 
     def describe(self) -> dict:
-        return {"backend": self.name, "peers_programmed": len(self.programmed)}
+        return {"backend": self.name, "peers_programmed": len(self.programmed),
+                "fallback_pending": self.fallback_pending, "netlink_failures": len(self.netlink_failures)}
 
 
 class VxlanBackend(KernelBackend):
@@ -156,9 +199,6 @@ class VxlanBackend(KernelBackend):
             mtu=self.config.mtu or None, direct_routing=self.config.direct_routing,
             learning=self.config.learning)
         self.device = self.kernel.setup()
-
-    def _route_oifs(self, ipr: IPRoute) -> list[int]:
-        return [self.uplink.ifindex] + ([self.device.ifindex] if self.device else [])
 
 
 class HostGwBackend(KernelBackend):
@@ -213,6 +253,8 @@ class BpfBackend(VxlanBackend):
         self.attached: dict[str, str] = {}  # attach point -> program name
         self.node = None
         self._bridge_ifindex = 0
+        self.fallback = CoalescingWorker("flannel-bpf-fallback", self._program_fallback)
+        self._prune_outstanding = False
 
     def start(self, lease: Lease) -> None:
         """Program this node for `lease`. Called again when our subnet changes: the programs
@@ -244,6 +286,7 @@ class BpfBackend(VxlanBackend):
             attach.pin_program(fd, Path(self.pin_dir) / f"prog_{name}")
         log.info("bpf data plane on %s: decap at %s (%s); maps pinned in %s", self.uplink.name,
                  self.decap_hook, self.decap_reason, self.pin_dir)
+        self.fallback.start()  # in this thread's network namespace
         self.reconcile()
 
     def prepare(self) -> None:
@@ -259,31 +302,63 @@ class BpfBackend(VxlanBackend):
 
     # -- peers: maps first (the fast path is ready at once), then the kernel's safety net --
 
-    def _mode(self, peer: Peer) -> PeerMode:
-        if self.config.direct_routing and is_on_link(peer.public_ip):
-            return PeerMode.DIRECT
-        return PeerMode.VXLAN
+    def _commit(self, wanted: Mapping[IPv4Network, Peer | None], full: bool) -> None:
+        """The map entries of the whole batch in one write (with `full`, the peer map made
+        exactly these), then the changed subnets handed to the fallback thread."""
+        entries = self._map_entries(wanted)
+        wanted = {subnet: peer if entries.get(subnet) else None for subnet, peer in wanted.items()}
+        if full:
+            self.maps.sync_peers([e for e in entries.values() if e is not None])
+        else:
+            self.maps.remove_peers([subnet for subnet, peer in wanted.items() if peer is None])
+            self.maps.upsert_peers([e for e in entries.values() if e is not None])
+        dirty: dict = self._record(wanted)
+        if full:
+            self._prune_outstanding = True
+            dirty[_PRUNE] = True
+        self.fallback.submit(dirty, keep_first=True)
 
-    def _add(self, peer: Peer) -> list[PeerFailure]:
+    def _map_entries(self, wanted: Mapping[IPv4Network, Peer | None]) -> dict:
+        """subnet -> PeerEntry, or None for no peer or one the data plane cannot use (logged)."""
         from flannel_bpf.loader.maps import PeerEntry
-        if peer.vni != self.config.vni:
-            return [PeerFailure(peer, f"peer VNI {peer.vni} differs from ours ({self.config.vni})")]
-        mode = self._mode(peer)
-        if mode is PeerMode.VXLAN and not peer.vtep_mac:
-            return [PeerFailure(peer, "peer has no VtepMAC")]
-        self.maps.upsert_peers([PeerEntry.make(peer.subnet, peer.public_ip,
-                                               peer.vtep_mac or "00:00:00:00:00:00", mode)])
-        return super()._add(peer)
+        entries = dict.fromkeys(wanted)
+        peers = [peer for peer in wanted.values() if peer is not None]
+        if not peers:
+            return entries
+        with IPRoute() as ipr:
+            lookups = NetlinkLookups(ipr)
+            for peer in peers:
+                try:
+                    if peer.vni != self.config.vni:
+                        raise PeerRejected(f"peer VNI {peer.vni} differs from ours ({self.config.vni})")
+                    direct = lookups.routes_directly(peer, self.config.direct_routing)
+                    if not direct and not peer.vtep_mac:
+                        raise PeerRejected("peer has no VtepMAC")
+                except (PeerRejected, NetlinkError) as err:
+                    self._skip(peer.subnet, f"{peer.subnet} at {peer.public_ip}", str(err))
+                    continue
+                entries[peer.subnet] = PeerEntry.make(peer.subnet, peer.public_ip,
+                                                      peer.vtep_mac or "00:00:00:00:00:00",
+                                                      PeerMode.DIRECT if direct else PeerMode.VXLAN)
+        return entries
 
-    def _remove(self, peer: Peer) -> list[PeerFailure]:
-        self.maps.remove_peers([peer.subnet])
-        return super()._remove(peer)
+    def _program_fallback(self, batch: dict) -> None:
+        """The fallback thread's work: one coalesced batch of changed subnets."""
+        prune = bool(batch.pop(_PRUNE, False))
+        try:
+            self._program_kernel(batch, prune=prune, cancel=self.fallback.cancel)
+        finally:
+            if prune:
+                self._prune_outstanding = False
 
-    def _prune_leftovers(self) -> None:
-        super()._prune_leftovers()
-        for entry in self.maps.list_peers():
-            if entry.subnet not in self.programmed:
-                self.maps.remove_peers([entry.subnet])
+    @property
+    def fallback_pending(self) -> int:
+        """Peers whose kernel safety net (neighbour, FDB entry, route) is not programmed yet."""
+        return max(0, self.fallback.pending - int(self._prune_outstanding))
+
+    def wait_fallback(self, timeout: float | None = None) -> bool:
+        """True once the kernel safety net holds every peer in `programmed` (tests, benchmarks)."""
+        return self.fallback.wait_idle(timeout)
 
     # -- attach points and local pods, which come and go without any etcd event --
 
@@ -330,6 +405,8 @@ class BpfBackend(VxlanBackend):
             self.maps.remove_endpoints(stale)
 
     def stop(self, cleanup: bool) -> None:
+        if not self.fallback.stop():
+            log.warning("the kernel fallback thread did not stop in time")
         if cleanup:
             detach_bpf(self.uplink.name, self.config.vni, self.bridge, self.pin_dir)
         if self.programs is not None:
