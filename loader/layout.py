@@ -178,6 +178,8 @@ def bytes_to_mac(raw) -> str:
 
 def ip4(value) -> ipaddress.IPv4Address:
     """An IPv4 address from text, bytes or an address object, with a clear error."""
+    if isinstance(value, ipaddress.IPv4Address):  # already one (and re-parsing 10,000 costs)
+        return value
     try:
         if isinstance(value, (bytes, bytearray)) and len(value) != 4:
             raise ValueError
@@ -200,6 +202,8 @@ def bytes_to_ip4(raw) -> ipaddress.IPv4Address:
 
 def ip4_network(value) -> ipaddress.IPv4Network:
     """An IPv4 prefix with host bits zero, e.g. ``"10.244.3.0/24"``."""
+    if isinstance(value, ipaddress.IPv4Network):  # host bits are always zero in one
+        return value
     try:
         net = ipaddress.ip_network(value, strict=True)
     except (ValueError, TypeError) as e:

@@ -28,12 +28,14 @@ class Peer:
     vni: int = 1
 
     def __post_init__(self):
+        # Values that already are addresses are kept: a sync converts thousands of leases.
         try:
-            subnet = IPv4Network(self.subnet)
+            subnet = self.subnet if isinstance(self.subnet, IPv4Network) else IPv4Network(self.subnet)
         except ValueError as e:
             raise ValueError(f"bad peer subnet {self.subnet!r}: {e}") from None
         try:
-            public_ip = IPv4Address(self.public_ip)
+            public_ip = (self.public_ip if isinstance(self.public_ip, IPv4Address)
+                         else IPv4Address(self.public_ip))
         except ValueError as e:
             raise ValueError(f"bad peer public_ip {self.public_ip!r}: {e}") from None
         vtep_mac = None if self.vtep_mac is None else normalize_mac(self.vtep_mac, "peer vtep_mac")

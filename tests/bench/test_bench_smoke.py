@@ -119,6 +119,8 @@ def test_control_agent_small(tmp_path):
         assert named[f"control.lease_to_map.{series}.p50"]["value"] <= p99["value"]
     cold = named["control.agent_cold.10.peers_programmed"]
     assert not cold["partial"] and cold["entries"] == 10
+    fallback = named["control.agent_cold.10.fallback_programmed"]
+    assert not fallback["partial"] and fallback["routes"] == 10 and fallback["fallback_pending"] == 0
     assert named["control.agent_rss.idle"]["value"] > 0
 
 
