@@ -305,6 +305,9 @@ class BpfBackend(VxlanBackend):
     def _commit(self, wanted: Mapping[IPv4Network, Peer | None], full: bool) -> None:
         """The map entries of the whole batch in one write (with `full`, the peer map made
         exactly these), then the changed subnets handed to the fallback thread."""
+        if not full:  # only what changed: events repeating the initial listing cost no writes
+            with self._state_lock:
+                wanted = {subnet: peer for subnet, peer in wanted.items() if self.programmed.get(subnet) != peer}
         entries = self._map_entries(wanted)
         wanted = {subnet: peer if entries.get(subnet) else None for subnet, peer in wanted.items()}
         if full:
