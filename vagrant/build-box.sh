@@ -40,7 +40,7 @@ pubkey=$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub 
 eval "$(sed -n '/^DEBS=(/,/)/p' "$repo/setup.sh")"
 [ "${#DEBS[@]}" -gt 0 ] || die "could not read the DEBS list from setup.sh"
 GUEST_DEBS=("${DEBS[@]}" systemd systemd-sysv udev dbus openssh-server sudo python3 python3-venv
-            kmod rsync bpftool etcd-client less)
+            e2fsprogs kmod rsync bpftool etcd-client less)
 # linux-headers-amd64 comes with the kernel, from KERNEL_SUITE.
 GUEST_DEBS=($(printf '%s\n' "${GUEST_DEBS[@]}" | grep -vx 'linux-headers-amd64' | sort -u))
 mapfile -t PY_REQS < <(python3 -c 'import tomllib,sys; print("\n".join(tomllib.load(open(sys.argv[1],"rb"))["project"]["dependencies"]))' "$repo/pyproject.toml")
@@ -104,6 +104,11 @@ deb $MIRROR $SUITE-updates main
 deb $MIRROR $SUITE-backports main
 EOF
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+printf '/dev/vda / ext4 errors=remount-ro 0 1\n' >"$root/etc/fstab"
+# Before the kernel: initramfs-tools cannot probe the root device from a chroot, so name its
+# type, and the initramfs checks the root filesystem at boot.
+mkdir -p "$root/etc/initramfs-tools/conf.d"
+echo FSTYPE=ext4 >"$root/etc/initramfs-tools/conf.d/fstype.conf"
 say "installing ${#GUEST_DEBS[@]} packages and the $KERNEL_SUITE kernel with headers"
 {
   in_root apt-get update -q
@@ -128,7 +133,6 @@ kver=$(ls "$root/lib/modules" | sort -V | tail -n1)
 [ -e "$root/usr/src/linux-headers-$kver/Makefile" ] || die "no headers for guest kernel $kver"
 echo fbpf >"$root/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 fbpf\n' >"$root/etc/hosts"
-printf '/dev/vda / ext4 errors=remount-ro 0 1\n' >"$root/etc/fstab"
 # Every VM must get its own machine-id: networkd's DHCP client id comes from it.
 : >"$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id"

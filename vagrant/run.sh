@@ -45,11 +45,12 @@ host_packages() {
 }
 
 # PID 1 is not always systemd (containers): then start the daemons by hand.
+# The daemons must not inherit fd 9, the lock of this script: `9>&-` on each.
 libvirt_daemons() {
   if [ -d /run/systemd/system ]; then
     systemctl start virtlogd libvirtd
   else
-    pgrep -x virtlogd >/dev/null || virtlogd -d
+    pgrep -x virtlogd >/dev/null || virtlogd -d 9>&-
     if ! pgrep -x libvirtd >/dev/null; then
       if [ "${FBPF_LIBVIRT_DRIVER:-qemu}" = qemu ] && [ -e /dev/kvm ]; then
         # When /dev/kvm is there but KVM does not work (a PVM hypervisor), libvirt finds its
@@ -63,9 +64,9 @@ libvirt_daemons() {
         { cat /etc/libvirt/qemu.conf; echo 'namespaces = []'; } >"$conf/qemu.conf"
         unshare --mount --propagation private sh -c "mount --bind $conf/no-kvm /dev/kvm &&
           mount -o remount,bind,ro /dev/kvm && mount --bind $conf/qemu.conf /etc/libvirt/qemu.conf &&
-          exec libvirtd -d"
+          exec libvirtd -d" 9>&-
       else
-        libvirtd -d
+        libvirtd -d 9>&-
       fi
     fi
   fi

@@ -1,7 +1,8 @@
 """The multi-VM lab end to end: `vagrant/run.sh all` builds the box if needed, boots the VMs,
 provisions them (etcd, agents, pods), runs the checks on every VM and destroys everything.
 
-Slow (about 10 minutes with a cold box, 5 with a cached one): runs only with --run-slow.
+Slow (measured under TCG on 2 cores: 13 minutes with the box rebuilt, 11 with it cached): runs
+only with --run-slow.
 """
 import json
 import os
