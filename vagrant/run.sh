@@ -153,6 +153,8 @@ EOF
 
 down() {
   local start=$SECONDS d v n
+  # libvirtd may have died (or the host rebooted) while domains exist: it must run to remove them.
+  if command -v libvirtd >/dev/null; then (libvirt_daemons) || say "libvirtd is not answering"; fi
   if command -v vagrant >/dev/null && [ -d "$here/.vagrant" ]; then
     bounded 300 vagrant destroy -f >/dev/null 2>&1 || say "vagrant destroy failed; removing what is left by hand"
   fi
