@@ -27,8 +27,8 @@ from pyroute2 import IPRoute
 
 from flannel_bpf.controller.subnet_env import DEFAULT_SUBNET_FILE, read_subnet_env
 from flannel_bpf.lab.run import ping
-from flannel_bpf.lab.topology import (POD_BRIDGE, POD_IFNAME, _add_bridge, _configure_interface,
-                                      _new_namespace, _plug_veth, _prepare_namespace)
+from flannel_bpf.lab.topology import (POD_BRIDGE, POD_IFNAME, add_bridge, configure_interface,
+                                      new_namespace, plug_veth, prepare_namespace)
 from flannel_bpf.loader.netns import netns_exists
 
 MAX_PODS = 200
@@ -69,17 +69,17 @@ def ensure_pods(count: int, subnet_file: str = DEFAULT_SUBNET_FILE, bridge: str 
     """Create whatever of cni0 and pods 1..count is missing; returns [{netns, address}]."""
     gateway, mtu = _lease(subnet_file)
     addresses = pod_addresses(gateway.network, count)
-    _prepare_namespace(None, forwarding=True)  # as every host of the netns lab
+    prepare_namespace(None, forwarding=True)  # as every host of the netns lab
     with IPRoute() as ipr:
         if not ipr.link_lookup(ifname=bridge):
-            _add_bridge(ipr, bridge, gateway)
+            add_bridge(ipr, bridge, gateway)
     pods = []
     for index, address in enumerate(addresses, start=1):
         netns = pod_netns(index, prefix)
         if not netns_exists(netns):
-            _new_namespace(netns, forwarding=False)
-            _plug_veth(None, f"vethp{index}", bridge, netns, POD_IFNAME, mtu)
-            _configure_interface(netns, POD_IFNAME, address, mtu, [("default", str(gateway.ip))])
+            new_namespace(netns, forwarding=False)
+            plug_veth(None, f"vethp{index}", bridge, netns, POD_IFNAME, mtu)
+            configure_interface(netns, POD_IFNAME, address, mtu, [("default", str(gateway.ip))])
         pods.append({"netns": netns, "address": str(address)})
     # The agent learns local pods from the bridge's neighbour table. Only now: a port joining
     # can change the bridge's MAC, which flushes its neighbours.

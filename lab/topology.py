@@ -281,7 +281,7 @@ def list_labs() -> list[str]:
 # ---------------------------------------------------------------------------- building
 
 
-def _prepare_namespace(netns: str, *, forwarding: bool) -> None:
+def prepare_namespace(netns: str, *, forwarding: bool) -> None:
     """Fresh namespace defaults: no IPv6 chatter, no reverse-path filter, lo up."""
     for key in ("net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"):
         write_sysctl(key, 1, netns)
@@ -292,9 +292,9 @@ def _prepare_namespace(netns: str, *, forwarding: bool) -> None:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
 
-def _new_namespace(netns: str, *, forwarding: bool) -> None:
+def new_namespace(netns: str, *, forwarding: bool) -> None:
     create_netns(netns)
-    _prepare_namespace(netns, forwarding=forwarding)
+    prepare_namespace(netns, forwarding=forwarding)
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:
@@ -304,7 +304,7 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return found[0]
 
 
-def _add_bridge(ipr: IPRoute, name: str, address: IPv4Interface | None, mtu: int | None = None) -> int:
+def add_bridge(ipr: IPRoute, name: str, address: IPv4Interface | None, mtu: int | None = None) -> int:
     ipr.link("add", ifname=name, kind="bridge", br_stp_state=0)
     idx = _index(ipr, name)
     if address is not None:
@@ -315,7 +315,7 @@ def _add_bridge(ipr: IPRoute, name: str, address: IPv4Interface | None, mtu: int
     return idx
 
 
-def _plug_veth(near_netns: str, near_ifname: str, bridge: str, far_netns: str,
+def plug_veth(near_netns: str, near_ifname: str, bridge: str, far_netns: str,
                far_ifname: str, mtu: int) -> None:
     """A veth pair: `near_ifname` enslaved to `bridge` in `near_netns`, `far_ifname` (down,
     unconfigured) in `far_netns`."""
@@ -326,7 +326,7 @@ def _plug_veth(near_netns: str, near_ifname: str, bridge: str, far_netns: str,
         ipr.link("set", index=idx, master=_index(ipr, bridge), mtu=mtu, state="up")
 
 
-def _configure_interface(netns: str, ifname: str, address: IPv4Interface, mtu: int,
+def configure_interface(netns: str, ifname: str, address: IPv4Interface, mtu: int,
                          routes: Iterable[tuple[str, str]] = ()) -> None:
     """Address, MTU, up, then (destination, gateway) routes."""
     with in_netns(netns), IPRoute() as ipr:
@@ -411,21 +411,21 @@ class Lab:
 
     def _build_underlay(self, with_router: bool) -> None:
         ul = self.state.underlay_netns
-        _new_namespace(ul, forwarding=False)
+        new_namespace(ul, forwarding=False)
         with in_netns(ul), IPRoute() as ipr:
-            _add_bridge(ipr, UNDERLAY_BRIDGES[0], UNDERLAY_BRIDGE_ADDRESS)
+            add_bridge(ipr, UNDERLAY_BRIDGES[0], UNDERLAY_BRIDGE_ADDRESS)
             if with_router:
-                _add_bridge(ipr, UNDERLAY_BRIDGES[1], None)
+                add_bridge(ipr, UNDERLAY_BRIDGES[1], None)
         if not with_router:
             return
         rt = router_netns_name(self.name)
-        _new_namespace(rt, forwarding=True)
+        new_namespace(rt, forwarding=True)
         legs = []
         for n, (bridge, address) in enumerate(zip(UNDERLAY_BRIDGES, ROUTER_ADDRESSES)):
             leg = RouterLeg(ifname=f"eth{n}", address=str(address), bridge=bridge,
                             underlay_veth=f"rt-eth{n}")
-            _plug_veth(ul, leg.underlay_veth, bridge, rt, leg.ifname, UPLINK_MTU)
-            _configure_interface(rt, leg.ifname, address, UPLINK_MTU)
+            plug_veth(ul, leg.underlay_veth, bridge, rt, leg.ifname, UPLINK_MTU)
+            configure_interface(rt, leg.ifname, address, UPLINK_MTU)
             legs.append(leg)
         self.state.router = Router(netns=rt, legs=legs)
         # The underlay namespace answers second-subnet hosts (etcd) through the router.
@@ -469,11 +469,11 @@ class Lab:
                     underlay_subnet=2 if on_second else 1,
                     underlay_bridge=UNDERLAY_BRIDGES[1 if on_second else 0],
                     underlay_veth=f"h{index}-eth0")
-        _new_namespace(netns, forwarding=True)
+        new_namespace(netns, forwarding=True)
         self.state.hosts.append(host)
-        _plug_veth(self.state.underlay_netns, host.underlay_veth, host.underlay_bridge,
+        plug_veth(self.state.underlay_netns, host.underlay_veth, host.underlay_bridge,
                    netns, HOST_UPLINK, UPLINK_MTU)
-        _configure_interface(netns, HOST_UPLINK, address, UPLINK_MTU, routes)
+        configure_interface(netns, HOST_UPLINK, address, UPLINK_MTU, routes)
         return host
 
     def add_pod(self, host: int, index: int, address: str, gateway: str, mtu: int) -> Pod:
@@ -506,13 +506,13 @@ class Lab:
                   host_veth=f"vethp{index}", address=str(iface), gateway=str(gw), mtu=mtu)
         if h.pod_gateway is None:
             with in_netns(h.netns), IPRoute() as ipr:
-                _add_bridge(ipr, POD_BRIDGE, bridge_address)
+                add_bridge(ipr, POD_BRIDGE, bridge_address)
             h.pod_bridge, h.pod_gateway = POD_BRIDGE, str(bridge_address)
             self.save()
-        _new_namespace(pod.netns, forwarding=False)
+        new_namespace(pod.netns, forwarding=False)
         try:
-            _plug_veth(h.netns, pod.host_veth, POD_BRIDGE, pod.netns, pod.ifname, mtu)
-            _configure_interface(pod.netns, pod.ifname, iface, mtu, [("default", str(gw))])
+            plug_veth(h.netns, pod.host_veth, POD_BRIDGE, pod.netns, pod.ifname, mtu)
+            configure_interface(pod.netns, pod.ifname, iface, mtu, [("default", str(gw))])
         except BaseException:
             remove_netns(pod.netns)  # takes the veth pair with it
             raise
