@@ -8,7 +8,6 @@ import random
 import pytest
 from scapy.layers.inet import IP
 from scapy.layers.l2 import Ether
-from scapy.layers.vxlan import VXLAN
 
 import fl_packets as P
 from flannel_bpf.loader.layout import (TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS)
