@@ -29,6 +29,7 @@ from flannel_bpf.loader.coalesce import CoalescingWorker
 log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("bpf", "vxlan", "host-gw")
+_NUD_PERMANENT = 0x80
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ class NetlinkWaker:
             self._subscribed.set()
             while not self.stop.is_set():
                 readable, _, _ = select.select([ipr.fileno()], [], [], 0.5)
-                if readable:
-                    ipr.get()  # drain; what changed is re-read by reconcile()
+                # Drained; what changed is re-read by reconcile().
+                if readable and any(_may_concern_reconcile(msg) for msg in ipr.get()):
                     self.wake.set()
                     self.stop.wait(self.MIN_INTERVAL)
         except Exception as err:  # the periodic tick still reconciles
@@ -88,6 +89,15 @@ class NetlinkWaker:
             self._subscribed.set()
             if ipr is not None:
                 ipr.close()
+
+
+def _may_concern_reconcile(msg) -> bool:
+    """Link changes, and neighbours that are not permanent (a pod's ARP entry, a MAC the pod
+    bridge learned). Permanent ones are the kernel fallback's own VTEP neighbours and FDB
+    entries (thousands at start) and the bridge's own addresses: reconcile reads none of them."""
+    if msg.get("event") in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
+        return not msg["state"] & _NUD_PERMANENT
+    return True
 
 
 class Agent:

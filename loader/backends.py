@@ -16,12 +16,13 @@ peer that changed again meanwhile is programmed once and a removed one is never 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -35,12 +36,11 @@ from flannel_bpf.loader.coalesce import CoalescingWorker
 from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
 from flannel_bpf.loader.layout import PeerMode
 from flannel_bpf.loader.peer import Peer
-from flannel_bpf.loader.routes import NetlinkLookups, PeerRejected, link_index
+from flannel_bpf.loader.routes import NetlinkLookups, OwnAddresses, PeerRejected, link_index
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BRIDGE = "cni0"
-_PRUNE = object()  # in a fallback batch: then remove what no peer holds (after a full sync)
 # Neighbour states that name a pod we can deliver to (not INCOMPLETE/FAILED/NOARP).
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT
 _NUD_PERMANENT = 0x80
@@ -135,7 +135,7 @@ class KernelBackend:
     # -- the kernel's per-peer state ---------------------------------------------------------------
 
     def _program_kernel(self, dirty: Mapping[IPv4Network, Peer | None], prune: bool = False,
-                        cancel: threading.Event | None = None) -> None:
+                        cancel: threading.Event | None = None, done: Callable[[Peer], None] | None = None) -> None:
         """Bring the kernel's state for the `dirty` subnets (each with the peer it was last
         given, or None) to what `programmed` holds for them now, read under the lock: whatever
         changed meanwhile, the latest desired peer is what gets programmed. With `prune`, then
@@ -143,24 +143,22 @@ class KernelBackend:
         with self._netlink_lock:
             with self._state_lock:
                 latest = {subnet: self.programmed.get(subnet) for subnet in dirty}
+                keep = set(self.programmed) if prune else None
             apply = [peer for peer in latest.values() if peer is not None]
-            remove = [dirty[subnet] or Peer(subnet=subnet, public_ip=self.uplink.ip)
-                      for subnet, peer in latest.items() if peer is None]
-            failures = self.kernel.update(apply=apply, remove=remove, cancel=cancel)
+            remove = [self._last_given(subnet, dirty) for subnet, peer in latest.items() if peer is None]
+            failures = self.kernel.update(apply=apply, remove=remove, keep=keep, cancel=cancel, done=done)
             refused = {f.peer.subnet: f.reason for f in failures if latest.get(f.peer.subnet) is not None}
             if refused:  # what the kernel held for them before (a route, an older MAC) goes
-                self.kernel.update(remove=[dirty[subnet] or Peer(subnet=subnet, public_ip=self.uplink.ip)
-                                           for subnet in refused], cancel=cancel)
+                self.kernel.update(remove=[self._last_given(subnet, dirty) for subnet in refused], cancel=cancel)
             with self._state_lock:
                 for subnet in dirty:
                     self.netlink_failures.pop(subnet, None)
                 self.netlink_failures.update(refused)
-            if prune and not (cancel is not None and cancel.is_set()):
-                with self._state_lock:
-                    keep = set(self.programmed)
-                removed = self.kernel.prune(keep, cancel)
-                if removed:
-                    log.info("removed routes of %d peers that left while no agent ran", len(removed))
+
+    def _last_given(self, subnet: IPv4Network, dirty: Mapping[IPv4Network, Peer | None]) -> Peer:
+        """The peer whose kernel state a removal undoes: the last one given for the subnet (its
+        VtepMAC names the FDB entry), or when none is known, just its subnet."""
+        return dirty.get(subnet) or Peer(subnet=subnet, public_ip=self.uplink.ip)
 
     @property
     def fallback_pending(self) -> int:
@@ -254,7 +252,8 @@ class BpfBackend(VxlanBackend):
         self.node = None
         self._bridge_ifindex = 0
         self.fallback = CoalescingWorker("flannel-bpf-fallback", self._program_fallback)
-        self._prune_outstanding = False
+        self._prune_wanted = False
+        self._own_addresses = None  # this node's addresses, re-read on each reconcile tick
 
     def start(self, lease: Lease) -> None:
         """Program this node for `lease`. Called again when our subnet changes: the programs
@@ -315,11 +314,10 @@ class BpfBackend(VxlanBackend):
         else:
             self.maps.remove_peers([subnet for subnet, peer in wanted.items() if peer is None])
             self.maps.upsert_peers([e for e in entries.values() if e is not None])
-        dirty: dict = self._record(wanted)
+        self.fallback.submit(self._record(wanted), keep_first=True)
         if full:
-            self._prune_outstanding = True
-            dirty[_PRUNE] = True
-        self.fallback.submit(dirty, keep_first=True)
+            self._prune_wanted = True
+            self.fallback.poke()
 
     def _map_entries(self, wanted: Mapping[IPv4Network, Peer | None]) -> dict:
         """subnet -> PeerEntry, or None for no peer or one the data plane cannot use (logged)."""
@@ -328,13 +326,16 @@ class BpfBackend(VxlanBackend):
         peers = [peer for peer in wanted.values() if peer is not None]
         if not peers:
             return entries
-        with IPRoute() as ipr:
-            lookups = NetlinkLookups(ipr)
+        # Only DirectRouting needs a route lookup per peer; our own addresses are kept from the
+        # last reconcile tick, so a batch without DirectRouting asks the kernel nothing.
+        direct_routing = self.config.direct_routing
+        with IPRoute() if direct_routing or self._own_addresses is None else contextlib.nullcontext() as ipr:
+            lookups = NetlinkLookups(ipr, own=self._own_addresses)
             for peer in peers:
                 try:
                     if peer.vni != self.config.vni:
                         raise PeerRejected(f"peer VNI {peer.vni} differs from ours ({self.config.vni})")
-                    direct = lookups.routes_directly(peer, self.config.direct_routing)
+                    direct = lookups.routes_directly(peer, direct_routing)
                     if not direct and not peer.vtep_mac:
                         raise PeerRejected("peer has no VtepMAC")
                 except (PeerRejected, NetlinkError) as err:
@@ -346,18 +347,20 @@ class BpfBackend(VxlanBackend):
         return entries
 
     def _program_fallback(self, batch: dict) -> None:
-        """The fallback thread's work: one coalesced batch of changed subnets."""
-        prune = bool(batch.pop(_PRUNE, False))
+        """The fallback thread's work: one coalesced batch of changed subnets (and after a
+        full sync, the prune of what no peer holds)."""
+        prune, self._prune_wanted = self._prune_wanted, False
         try:
-            self._program_kernel(batch, prune=prune, cancel=self.fallback.cancel)
-        finally:
-            if prune:
-                self._prune_outstanding = False
+            self._program_kernel(batch, prune=prune, cancel=self.fallback.cancel,
+                                 done=lambda peer: self.fallback.item_done())
+        except BaseException:
+            self._prune_wanted = self._prune_wanted or prune  # the worker retries the batch
+            raise
 
     @property
     def fallback_pending(self) -> int:
         """Peers whose kernel safety net (neighbour, FDB entry, route) is not programmed yet."""
-        return max(0, self.fallback.pending - int(self._prune_outstanding))
+        return self.fallback.pending
 
     def wait_fallback(self, timeout: float | None = None) -> bool:
         """True once the kernel safety net holds every peer in `programmed` (tests, benchmarks)."""
@@ -367,6 +370,7 @@ class BpfBackend(VxlanBackend):
 
     def reconcile(self) -> None:
         with IPRoute() as ipr:
+            self._own_addresses = OwnAddresses(ipr)
             bridge = link_index(ipr, self.bridge)
             if bridge != self._bridge_ifindex:
                 self._bridge_appeared(ipr, bridge)

@@ -25,7 +25,9 @@ class CoalescingWorker:
         self.items = 0                   # items in them, all told
         self._work = work
         self._pending: dict = {}
-        self._in_flight = 0
+        self._in_flight = 0      # items of the running batch not yet reported done
+        self._running = False
+        self._poked = False
         self._holds = 0
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -41,6 +43,18 @@ class CoalescingWorker:
             else:
                 self._pending.update(items)
             self._changed.notify_all()
+
+    def poke(self) -> None:
+        """Run a batch even if nothing is pending (the work function has work of its own)."""
+        with self._changed:
+            self._poked = True
+            self._changed.notify_all()
+
+    def item_done(self) -> None:
+        """From the work function: one more item of the running batch is finished (so that
+        `pending` counts down during a long batch)."""
+        with self._changed:
+            self._in_flight = max(0, self._in_flight - 1)
 
     def take(self) -> dict:
         """Everything pending, which no batch will see (the caller handles it)."""
@@ -72,7 +86,7 @@ class CoalescingWorker:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """True once nothing is pending or running (False after `timeout` seconds)."""
         with self._changed:
-            return self._changed.wait_for(lambda: not self._pending and not self._in_flight, timeout)
+            return self._changed.wait_for(lambda: not (self._pending or self._poked or self._running), timeout)
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -90,11 +104,12 @@ class CoalescingWorker:
     def _run(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self.cancel.is_set() or (self._pending and not self._holds))
+                self._changed.wait_for(lambda: self.cancel.is_set()
+                                       or ((self._pending or self._poked) and not self._holds))
                 if self.cancel.is_set():
                     return
                 batch, self._pending = self._pending, {}
-                self._in_flight = len(batch)
+                self._in_flight, self._running, self._poked = len(batch), True, False
             failed = False
             try:
                 self._work(batch)
@@ -103,7 +118,7 @@ class CoalescingWorker:
                               self.retry_delay)
                 failed = True
             with self._changed:
-                self._in_flight = 0
+                self._in_flight, self._running = 0, False
                 self.batches += 1
                 self.items += len(batch)
                 if failed:

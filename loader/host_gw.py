@@ -6,9 +6,10 @@ Batches are linear: the uplink is resolved once, then per peer a route lookup an
 """
 from __future__ import annotations
 
+import logging
 import threading
 from ipaddress import IPv4Network
-from typing import Collection, Iterable
+from typing import Callable, Collection, Iterable
 
 from pyroute2 import IPRoute
 
@@ -19,6 +20,8 @@ from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, PeerFailure
                                        reject_own_address, replace_route, require_link)
 
 __all__ = ["HostGwBackend", "Peer", "PeerFailure", "BackendError", "is_on_link"]
+
+log = logging.getLogger(__name__)
 
 
 class HostGwBackend:
@@ -36,15 +39,21 @@ class HostGwBackend:
     def remove_peers(self, peers: Iterable[Peer], cancel: threading.Event | None = None) -> list[PeerFailure]:
         return self.update(remove=peers, cancel=cancel)
 
-    def update(self, apply: Iterable[Peer] = (), remove: Iterable[Peer] = (),
-               cancel: threading.Event | None = None) -> list[PeerFailure]:
-        """One batch over peers of distinct subnets: remove `remove`, then program `apply`."""
+    def prune(self, keep: Collection[IPv4Network], cancel: threading.Event | None = None) -> list[PeerFailure]:
+        """Remove our routes through the uplink to subnets not in `keep`."""
+        return self.update(keep=keep, cancel=cancel)
+
+    def update(self, apply: Iterable[Peer] = (), remove: Iterable[Peer] = (), *,
+               keep: Collection[IPv4Network] | None = None, cancel: threading.Event | None = None,
+               done: Callable[[Peer], None] | None = None) -> list[PeerFailure]:
+        """One batch over peers of distinct subnets: remove `remove`, program `apply`, then with
+        `keep` remove our routes through the uplink to subnets not in it (as KernelVxlanBackend)."""
         apply, remove = list(apply), list(remove)
-        if not apply and not remove:
+        if not apply and not remove and keep is None:
             return []
         with IPRoute() as ipr:
             lookups = NetlinkLookups(ipr)
-            uplink = lookups.require_link(self.uplink, "uplink") if apply else None
+            uplink = lookups.require_link(self.uplink, "uplink") if apply else lookups.link(self.uplink)
 
             def program(peer: Peer) -> None:
                 kind = lookups.route_kind(peer.public_ip)
@@ -54,14 +63,13 @@ class HostGwBackend:
                                        "(host-gw needs every peer to be)")
                 replace_route(ipr, peer.subnet, peer.public_ip, uplink)
 
-            failures = for_each_peer(remove, lambda p: delete_route(ipr, p.subnet), "remove", cancel)
-            return failures + for_each_peer(apply, program, "program", cancel)
-
-    def prune(self, keep: Collection[IPv4Network], cancel: threading.Event | None = None) -> list[IPv4Network]:
-        """Remove our routes through the uplink to subnets not in `keep`; returns them."""
-        with IPRoute() as ipr:
-            uplink = link_index(ipr, self.uplink)
-            return [] if uplink is None else prune_our_routes(ipr, [uplink], keep, cancel)
+            failures = for_each_peer(remove, lambda p: delete_route(ipr, p.subnet), "remove", cancel, done)
+            failures += for_each_peer(apply, program, "program", cancel, done)
+            if keep is not None and uplink is not None and not (cancel is not None and cancel.is_set()):
+                removed = prune_our_routes(ipr, [uplink], keep, cancel)
+                if removed:
+                    log.info("removed %d routes of peers that are gone (left by an earlier agent)", len(removed))
+            return failures
 
     def teardown(self) -> None:
         with IPRoute() as ipr:

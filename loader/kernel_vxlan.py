@@ -8,7 +8,7 @@
 - with DirectRouting and the peer on-link: only route <subnet> via <PublicIP> dev <uplink>.
 
 Peers are programmed in batches (`update`), linear in the batch: a peer costs its own three
-netlink calls, plus a route lookup with DirectRouting.
+netlink calls and a neighbour lookup, plus a route lookup with DirectRouting.
 
 Everything acts on the calling thread's network namespace (see loader.netns.in_netns).
 The BPF backend reuses this device as its kernel fallback path.
@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from socket import AF_INET
-from typing import Collection, Iterable
+from typing import Callable, Collection, Iterable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -183,13 +183,23 @@ class KernelVxlanBackend:
         """Remove the route, neighbour and FDB entry of each peer, whichever mode it was in."""
         return self.update(remove=peers, cancel=cancel)
 
-    def update(self, apply: Iterable[Peer] = (), remove: Iterable[Peer] = (),
-               cancel: threading.Event | None = None) -> list[PeerFailure]:
-        """One batch over peers of distinct subnets: remove `remove`, then program `apply`.
-        Linear in the batch: links are resolved and flannel.<VNI>'s neighbours read once per
-        batch, then per peer only its own calls. Stops early once `cancel` is set."""
+    def prune(self, keep: Collection[IPv4Network], cancel: threading.Event | None = None) -> list[PeerFailure]:
+        """Remove what no peer in `keep` needs (see update)."""
+        return self.update(keep=keep, cancel=cancel)
+
+    def update(self, apply: Iterable[Peer] = (), remove: Iterable[Peer] = (), *,
+               keep: Collection[IPv4Network] | None = None, cancel: threading.Event | None = None,
+               done: Callable[[Peer], None] | None = None) -> list[PeerFailure]:
+        """One batch over peers of distinct subnets: remove `remove`, program `apply`, then, with
+        `keep` (a full sync), remove our routes through the uplink or flannel.<VNI> and the VTEP
+        neighbours (with their FDB entries) of every subnet not in `keep`.
+
+        Linear in the batch whatever the table holds: links are resolved once, each peer's .0
+        neighbour is asked for by address; only with `keep` is the neighbour table read, with
+        one dump that the prune needs anyway. `done(peer)` follows each peer; once `cancel` is
+        set the batch stops early. Returns the peers that could not be programmed, with reasons."""
         apply, remove = list(apply), list(remove)
-        if not apply and not remove:
+        if not apply and not remove and keep is None:
             return []
         with IPRoute() as ipr:
             lookups = NetlinkLookups(ipr)
@@ -197,31 +207,29 @@ class KernelVxlanBackend:
                 vx = lookups.require_link(self.name, "VXLAN device (call setup() first)")
                 uplink = lookups.require_link(self.uplink, "uplink")
             else:
-                vx, uplink = lookups.link(self.name), None
-            batch = len(apply) + len(remove)
-            vteps = None if vx is None else VtepNeighbours(ipr, vx, dump=batch > VtepNeighbours.DUMP_ABOVE)
-            failures = for_each_peer(remove, lambda p: self._remove(ipr, vx, vteps, p), "remove", cancel)
-            return failures + for_each_peer(
-                apply, lambda p: self._apply(ipr, lookups, vx, uplink, vteps, p), "program", cancel)
+                vx, uplink = lookups.link(self.name), lookups.link(self.uplink)
+            vteps = None if vx is None else VtepNeighbours(ipr, vx, dump=keep is not None)
+            failures = for_each_peer(remove, lambda p: self._remove(ipr, vx, vteps, p), "remove",
+                                     cancel, done)
+            failures += for_each_peer(apply, lambda p: self._apply(ipr, lookups, vx, uplink, vteps, p),
+                                      "program", cancel, done)
+            if keep is not None and not (cancel is not None and cancel.is_set()):
+                self._prune(ipr, vx, uplink, vteps, set(keep), cancel)
+            return failures
 
-    def prune(self, keep: Collection[IPv4Network], cancel: threading.Event | None = None) -> list[IPv4Network]:
-        """Remove what no peer in `keep` needs: our routes through the uplink or flannel.<VNI>
-        to other subnets, and the VTEP neighbours of other subnets (with their FDB entries).
-        Returns the route destinations removed."""
-        keep = set(keep)
-        with IPRoute() as ipr:
-            lookups = NetlinkLookups(ipr)
-            vx, uplink = lookups.link(self.name), lookups.link(self.uplink)
-            removed = prune_our_routes(ipr, [i for i in (vx, uplink) if i is not None], keep, cancel)
-            if vx is not None:
-                kept = {subnet.network_address for subnet in keep}
-                vteps = VtepNeighbours(ipr, vx, dump=True)
-                for ip in [ip for ip, (_, state) in vteps.entries.items()
-                           if state & _PERMANENT and ip not in kept]:
-                    if cancel is not None and cancel.is_set():
-                        break
-                    self._forget_vtep(ipr, vx, vteps, ip)
-            return removed
+    def _prune(self, ipr: IPRoute, vx: int | None, uplink: int | None, vteps: "VtepNeighbours | None",
+               keep: set[IPv4Network], cancel: threading.Event | None) -> None:
+        routes = prune_our_routes(ipr, [i for i in (vx, uplink) if i is not None], keep, cancel)
+        kept = {subnet.network_address for subnet in keep}
+        stale = [] if vteps is None else [ip for ip, (_, state) in vteps.entries.items()
+                                          if state & _PERMANENT and ip not in kept]
+        for ip in stale:
+            if cancel is not None and cancel.is_set():
+                break
+            self._forget_vtep(ipr, vx, vteps, ip)
+        if routes or stale:
+            log.info("removed %d routes and %d VTEP neighbours of peers that are gone (left by an "
+                     "earlier agent)", len(routes), len(stale))
 
     def teardown(self) -> None:
         """Remove the device (its routes, neighbours and FDB go with it) and our direct routes."""
@@ -279,10 +287,9 @@ class KernelVxlanBackend:
 
 class VtepNeighbours:
     """The neighbours of flannel.<VNI> (peer .0 address -> (MAC, NUD state)) as one batch needs
-    them: read with one dump (`dump`, for a large batch), or asked one address at a time (for a
-    small one: a dump costs ~0.1 ms per entry of the whole table)."""
-
-    DUMP_ABOVE = 32  # batches of more peers read the table with one dump
+    them: read whole with one dump (`dump`: a full sync, whose prune needs them all), else asked
+    one address at a time, so that a batch costs per peer in it, not per entry of the table
+    (a dump costs ~0.1 ms per entry: per batch of 100 on a table of 10,000, 1 s)."""
 
     def __init__(self, ipr: IPRoute, vx: int, dump: bool):
         self.ipr, self.vx = ipr, vx

@@ -145,15 +145,33 @@ def prune_our_routes(ipr: IPRoute, oifs: Collection[int], keep: Collection[IPv4N
     return deleted
 
 
-class NetlinkLookups:
-    """What a batch of peers needs to know about this node, asked once per batch on one
-    IPRoute: link indexes (by name, cached), our own addresses (one address dump), and how
-    each peer address is reached (one route lookup per address, only where it matters)."""
+class OwnAddresses:
+    """This node's IPv4 addresses (what route_kind calls "local"), from one address dump: every
+    address, and the whole prefix of a loopback address (127.0.0.0/8)."""
 
     def __init__(self, ipr: IPRoute):
+        self.addresses: set[IPv4Address] = set()
+        self.loopback: list[IPv4Network] = []
+        for a in ipr.get_addr(family=AF_INET):
+            address = IPv4Address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
+            self.addresses.add(address)
+            if address.is_loopback:
+                self.loopback.append(IPv4Network(f"{address}/{a['prefixlen']}", strict=False))
+
+    def __contains__(self, ip: IPv4Address) -> bool:
+        return ip in self.addresses or any(ip in net for net in self.loopback)
+
+
+class NetlinkLookups:
+    """What a batch of peers needs to know about this node, asked once per batch on one
+    IPRoute: link indexes (by name, cached), our own addresses (one address dump, or `own`
+    given), and how each peer address is reached (one route lookup per address, only where
+    it matters)."""
+
+    def __init__(self, ipr: IPRoute | None, own: OwnAddresses | None = None):
         self.ipr = ipr
         self._links: dict[str, int | None] = {}
-        self._own: tuple[set[IPv4Address], list[IPv4Network]] | None = None
+        self._own = own
         self._kinds: dict[IPv4Address, str] = {}
 
     def link(self, ifname: str) -> int | None:
@@ -170,18 +188,9 @@ class NetlinkLookups:
         return self._kinds[ip]
 
     def is_own_address(self, ip: IPv4Address) -> bool:
-        """One of this node's addresses (what route_kind calls "local"), from one address dump:
-        every IPv4 address, and the whole prefix of a loopback address (127.0.0.0/8)."""
         if self._own is None:
-            addresses, loopback = set(), []
-            for a in self.ipr.get_addr(family=AF_INET):
-                address = IPv4Address(a.get_attr("IFA_ADDRESS"))
-                addresses.add(IPv4Address(a.get_attr("IFA_LOCAL") or address))
-                if address.is_loopback:
-                    loopback.append(IPv4Network(f"{address}/{a['prefixlen']}", strict=False))
-            self._own = addresses, loopback
-        addresses, loopback = self._own
-        return ip in addresses or any(ip in net for net in loopback)
+            self._own = OwnAddresses(self.ipr)
+        return ip in self._own
 
     def routes_directly(self, peer: Peer, direct_routing: bool) -> bool:
         """Whether `peer` is routed straight to its public IP (DirectRouting and on-link, as
@@ -195,10 +204,12 @@ class NetlinkLookups:
         return direct_routing and kind == "onlink"
 
 
-def for_each_peer(peers: Iterable[Peer], action: Callable[[Peer], None],
-                  verb: str, cancel: threading.Event | None = None) -> list[PeerFailure]:
-    """Run `action` on every peer (until `cancel` is set); collect, log and return the failures
-    instead of raising, so one bad lease never keeps the others from being programmed."""
+def for_each_peer(peers: Iterable[Peer], action: Callable[[Peer], None], verb: str,
+                  cancel: threading.Event | None = None,
+                  done: Callable[[Peer], None] | None = None) -> list[PeerFailure]:
+    """Run `action` on every peer (until `cancel` is set), then `done(peer)`; collect, log and
+    return the failures instead of raising, so one bad lease never keeps the others from being
+    programmed."""
     failures = []
     for peer in peers:
         if cancel is not None and cancel.is_set():
@@ -209,4 +220,6 @@ def for_each_peer(peers: Iterable[Peer], action: Callable[[Peer], None],
             reason = str(e) if isinstance(e, PeerRejected) else f"netlink: {e}"
             log.warning("cannot %s peer %s (%s): %s", verb, peer.subnet, peer.public_ip, reason)
             failures.append(PeerFailure(peer, reason))
+        if done is not None:
+            done(peer)
     return failures

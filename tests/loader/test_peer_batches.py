@@ -19,7 +19,7 @@ from flannel_bpf.controller.uplink import select_uplink
 from flannel_bpf.lab.bench_common import SCRATCH_UPLINK, scratch_netns
 from flannel_bpf.lab.run import run_in_netns
 from flannel_bpf.loader.attach import unlink_pins
-from flannel_bpf.loader.backends import BpfBackend, VxlanBackend
+from flannel_bpf.loader.backends import BpfBackend, HostGwBackend, VxlanBackend
 from flannel_bpf.loader.maps import DataPlaneMaps
 from flannel_bpf.loader.netns import in_netns
 
@@ -102,10 +102,10 @@ def started_backend(kind: str):
                 uplink = select_uplink([SCRATCH_UPLINK])
                 config = BackendConfig(type=kind, vni=1)
                 backend = (BpfBackend(config, uplink, pin_dir=pin_dir) if kind == "bpf"
-                           else VxlanBackend(config, uplink))
+                           else {"vxlan": VxlanBackend, "host-gw": HostGwBackend}[kind](config, uplink))
                 backend.prepare()
                 # Started in the namespace: the fallback thread lives there too.
-                backend.start(Lease(OWN, uplink.ip, "vxlan", {"VNI": 1, "VtepMAC": backend.vtep_mac}))
+                backend.start(Lease(OWN, uplink.ip, kind, {"VNI": 1, "VtepMAC": getattr(backend, "vtep_mac", None)}))
             yield netns, backend
         finally:
             if backend is not None:
@@ -213,3 +213,19 @@ def test_agent_sink_coalesces_events_into_one_batch_of_latest_leases():
             assert_programmed(netns, backend, [lease(i, 5) for i in range(1, 41)])
         finally:
             agent.applier.stop()
+
+
+def test_host_gw_batches_and_prune():
+    with started_backend("host-gw") as (netns, backend):
+        gone = Lease(subnet(4000), IPv4Address("198.18.15.1"), "host-gw")
+        run_in_netns(netns, ["ip", "route", "replace", str(gone.subnet), "via", str(gone.public_ip),
+                             "dev", SCRATCH_UPLINK, "proto", "251"])
+        peers = {i: Lease(subnet(i), lease(i).public_ip, "host-gw") for i in range(1, 301)}
+        with in_netns(netns):
+            backend.sync({x.subnet: x for x in peers.values()})
+            backend.apply_batch({subnet(i): None for i in range(101, 201)})
+        for i in range(101, 201):
+            del peers[i]
+        assert backend.netlink_failures == {} and set(backend.programmed) == {x.subnet for x in peers.values()}
+        routes = {(r["dst"], r.get("gateway"), r["dev"]) for r in ipj(netns, "-4", "route", "show", "proto", "251")}
+        assert routes == {(str(x.subnet), str(x.public_ip), SCRATCH_UPLINK) for x in peers.values()}
