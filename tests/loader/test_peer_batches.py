@@ -229,3 +229,34 @@ def test_host_gw_batches_and_prune():
         assert backend.netlink_failures == {} and set(backend.programmed) == {x.subnet for x in peers.values()}
         routes = {(r["dst"], r.get("gateway"), r["dev"]) for r in ipj(netns, "-4", "route", "show", "proto", "251")}
         assert routes == {(str(x.subnet), str(x.public_ip), SCRATCH_UPLINK) for x in peers.values()}
+
+
+def test_netlink_waker_ignores_the_fallbacks_permanent_neighbours_only():
+    """Real rtnetlink datagrams, classified as the agent's waker does: the kernel fallback's own
+    permanent neighbours and FDB entries do not wake reconcile; a pod's neighbour and a new
+    link (the pod bridge) do."""
+    import select
+    import socket
+
+    from flannel_bpf.controller.agent import _may_concern_reconcile
+
+    changes = [
+        (["ip", "neigh", "replace", "198.18.0.9", "lladdr", "0a:00:00:00:00:09", "dev", "eth0",
+          "nud", "permanent"], False),
+        (["bridge", "fdb", "append", "0a:00:00:00:00:11", "dev", "eth0", "self", "permanent"], False),
+        (["ip", "neigh", "replace", "198.18.0.10", "lladdr", "0a:00:00:00:00:0a", "dev", "eth0",
+          "nud", "reachable"], True),
+        (["ip", "link", "add", "br9", "type", "bridge"], True),
+    ]
+    with scratch_netns("waker") as netns:
+        with in_netns(netns):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        with sock:
+            sock.bind((0, 0x1 | 0x4))  # RTMGRP_LINK | RTMGRP_NEIGH
+            for argv, wakes in changes:
+                run_in_netns(netns, argv)
+                datagrams = []
+                while select.select([sock], [], [], 0.2)[0]:
+                    datagrams.append(sock.recv(1 << 16))
+                assert datagrams, argv
+                assert any(_may_concern_reconcile(d) for d in datagrams) == wakes, argv
