@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import socket
 import struct
 import threading
 from dataclasses import dataclass, replace
@@ -37,6 +38,7 @@ _RTM_NEWNEIGH, _RTM_DELNEIGH = 28, 29
 _NUD_PERMANENT = 0x80
 _NLMSG_HEADER = struct.Struct("=IH")  # nlmsg_len, nlmsg_type (flags, seq, pid follow)
 _NDM_STATE_OFFSET = 16 + 8            # nlmsghdr, then ndmsg: family, pads, ifindex, state
+_SO_ATTACH_FILTER = 26
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,13 @@ class NetlinkWaker:
 
     def _run(self) -> None:
         import select
-        import socket
         sock = None
         try:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            try:
+                attach_permanent_neighbour_filter(sock)
+            except OSError as err:  # then each message is looked at here: slower, same outcome
+                log.info("netlink events: no socket filter (%s)", err)
             sock.bind((0, _RTMGRP_LINK | _RTMGRP_NEIGH))
             self._subscribed.set()
             while not self.stop.is_set():
@@ -99,6 +104,31 @@ class NetlinkWaker:
             self._subscribed.set()
             if sock is not None:
                 sock.close()
+
+
+def attach_permanent_neighbour_filter(sock) -> None:
+    """A classic BPF socket filter that drops permanent neighbour messages in the kernel (see
+    _may_concern_reconcile), so the waker thread does not even wake for the fallback's own
+    writes. Netlink notifications carry one message each; the filter reads its header."""
+    import ctypes
+
+    def big_endian(value: int) -> int:  # BPF_ABS loads are big-endian, netlink is host-endian
+        return int.from_bytes(struct.pack("=H", value), "big")
+
+    ld_half, jeq, jset, ret = 0x28, 0x15, 0x45, 0x06   # BPF_LD|H|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K
+    program = [
+        (ld_half, 0, 0, 4),                             # nlmsg_type
+        (jeq, 2, 0, big_endian(_RTM_NEWNEIGH)),
+        (jeq, 1, 0, big_endian(_RTM_DELNEIGH)),
+        (ret, 0, 0, 0xFFFFFFFF),                        # not a neighbour: keep it
+        (ld_half, 0, 0, _NDM_STATE_OFFSET),             # ndm_state
+        (jset, 0, 1, big_endian(_NUD_PERMANENT)),
+        (ret, 0, 0, 0),                                 # permanent: drop
+        (ret, 0, 0, 0xFFFFFFFF),
+    ]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *op) for op in program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(code))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
 
 def _may_concern_reconcile(datagram: bytes) -> bool:

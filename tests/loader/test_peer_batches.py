@@ -232,13 +232,14 @@ def test_host_gw_batches_and_prune():
 
 
 def test_netlink_waker_ignores_the_fallbacks_permanent_neighbours_only():
-    """Real rtnetlink datagrams, classified as the agent's waker does: the kernel fallback's own
-    permanent neighbours and FDB entries do not wake reconcile; a pod's neighbour and a new
-    link (the pod bridge) do."""
+    """Real rtnetlink notifications as the agent's waker sees them: the kernel fallback's own
+    permanent neighbours and FDB entries do not wake reconcile, a pod's neighbour and a new link
+    (the pod bridge) do; both with the socket filter (dropped in the kernel) and without it
+    (each datagram's headers read)."""
     import select
     import socket
 
-    from flannel_bpf.controller.agent import _may_concern_reconcile
+    from flannel_bpf.controller.agent import _may_concern_reconcile, attach_permanent_neighbour_filter
 
     changes = [
         (["ip", "neigh", "replace", "198.18.0.9", "lladdr", "0a:00:00:00:00:09", "dev", "eth0",
@@ -248,15 +249,24 @@ def test_netlink_waker_ignores_the_fallbacks_permanent_neighbours_only():
           "nud", "reachable"], True),
         (["ip", "link", "add", "br9", "type", "bridge"], True),
     ]
+
+    def received(sock) -> list[bytes]:
+        datagrams = []
+        while select.select([sock], [], [], 0.2)[0]:
+            datagrams.append(sock.recv(1 << 16))
+        return datagrams
+
     with scratch_netns("waker") as netns:
         with in_netns(netns):
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        with sock:
-            sock.bind((0, 0x1 | 0x4))  # RTMGRP_LINK | RTMGRP_NEIGH
+            plain = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            filtered = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        with plain, filtered:
+            attach_permanent_neighbour_filter(filtered)
+            for sock in (plain, filtered):
+                sock.bind((0, 0x1 | 0x4))  # RTMGRP_LINK | RTMGRP_NEIGH
             for argv, wakes in changes:
                 run_in_netns(netns, argv)
-                datagrams = []
-                while select.select([sock], [], [], 0.2)[0]:
-                    datagrams.append(sock.recv(1 << 16))
-                assert datagrams, argv
-                assert any(_may_concern_reconcile(d) for d in datagrams) == wakes, argv
+                everything = received(plain)
+                assert everything, argv
+                assert any(_may_concern_reconcile(d) for d in everything) == wakes, argv
+                assert bool(received(filtered)) == wakes, argv
