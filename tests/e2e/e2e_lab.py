@@ -79,6 +79,22 @@ def forgotten(host: Host, subnet: IPv4Network) -> bool:
     return host.agent.backend != "bpf" or subnet not in map_subnets(host)
 
 
+# bpf hosts write the maps first and the kernel safety net (routes, neighbours, FDB) from a
+# background thread right after: the maps are timed strictly by the tests, the safety net
+# only has to follow within this bound.
+SAFETY_NET_FOLLOWS = 10.0
+
+
+def wait_programmed(host: Host, subnet: IPv4Network) -> None:
+    wait_until(lambda: programmed(host, subnet), SAFETY_NET_FOLLOWS,
+               what=f"host {host.index} programs {subnet} (maps and kernel routes)")
+
+
+def wait_forgotten(host: Host, subnet: IPv4Network) -> None:
+    wait_until(lambda: forgotten(host, subnet), SAFETY_NET_FOLLOWS,
+               what=f"host {host.index} forgets {subnet} (maps and kernel routes)")
+
+
 def steady_ping(src_netns: str, dst_ip: str, count: int, interval: float) -> PingResult:
     """`count` probes `interval` s apart, each answered within 1 s or lost. Bounded, but with
     room for the slower pacing ping gets on a busy machine (10 ms probes go out ~17 ms apart here)."""

@@ -17,8 +17,8 @@ from flannel_bpf.lab.nshttp import http_get
 from flannel_bpf.lab.run import run_in_netns
 from flannel_bpf.lab.topology import Lab, list_labs
 
-from e2e_lab import (assert_lab_gone, cli, fake_lease, lab_name, programmed, root_snapshot,
-                     route_subnets, wait_until)
+from e2e_lab import (assert_lab_gone, cli, fake_lease, lab_name, root_snapshot, route_subnets,
+                     wait_programmed, wait_until)
 
 PEER = IPv4Network("10.244.254.0/24")
 
@@ -70,7 +70,7 @@ def test_readyz_is_503_until_config_lease_and_data_plane_then_200(single):
     verdicts = {s.labels["verdict"] for s in metrics["flannel_bpf_packets"].samples}
     assert {"encap_vxlan", "decap_to_pod", "pass_not_local_endpoint"} <= verdicts
     assert metrics["flannel_bpf_lease_expiry_timestamp_seconds"].samples[0].value > time.time() + 3600
-    assert programmed(host, PEER)
+    wait_programmed(host, PEER)
 
 
 def test_lab_up_refuses_a_lab_that_is_already_up(single):

@@ -22,7 +22,8 @@ from flannel_bpf.lab.topology import Host, Lab, run_dir
 from flannel_bpf.loader.maps import DataPlaneMaps
 
 from e2e_lab import (ContinuousPing, assert_lab_gone, cli, counters, fake_lease, forgotten, lab_name,
-                     map_subnets, programmed, root_snapshot, steady_ping, wait_until)
+                     map_subnets, programmed, root_snapshot, steady_ping, wait_forgotten, wait_programmed,
+                     wait_until)
 
 
 @dataclass
@@ -267,7 +268,7 @@ def test_joining_host_is_programmed_on_every_peer_within_a_second(shared, joined
     assert max(joined.peers_programmed_after.values()) < 1.0, joined.peers_programmed_after
     lab = shared.lab
     for host in original_hosts(lab):
-        assert programmed(host, joined.subnet)
+        wait_programmed(host, joined.subnet)
     new_pod = joined.host.pods[0]
     for pod in orch.all_pods(lab):
         if pod is not new_pod:
@@ -297,7 +298,7 @@ def test_leaving_host_with_cleanup_releases_lease_and_peers_forget_it(shared, jo
     print(f"\nleave: peers forgot the subnet {forgot} s after the lease delete")
     assert sorted(forgot) == [1, 2, 3] and max(forgot.values()) < 1.0, forgot
     for host in old:
-        assert forgotten(host, joined.subnet)
+        wait_forgotten(host, joined.subnet)
     # --cleanup-on-exit: its own data plane is gone too.
     assert "bpf" not in run_in_netns(joined.host.netns, ["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
     assert "flannel.1" not in run_in_netns(joined.host.netns, ["ip", "-o", "link"]).stdout
@@ -324,7 +325,7 @@ def test_expired_lease_is_forgotten_by_every_peer(shared):
     print(f"\nexpiry: programmed {programmed_after} s after the put, forgotten {forgot} s after the expiry")
     assert sorted(forgot) == [1, 2, 3] and max(forgot.values()) < 1.0, forgot
     for host in hosts:
-        assert forgotten(host, subnet)
+        wait_forgotten(host, subnet)
 
 
 # ---------------------------------------------------------------------------- crashes and outages
@@ -366,8 +367,8 @@ def test_kill9_under_traffic_loses_nothing_and_restart_reconciles(shared):
         grew = {k: v - before[k] for k, v in counters(h1).items()}
         assert grew["decap_to_pod"] >= len(answered) and grew["encap_vxlan"] >= len(answered), grew
         # The restarted agent made its maps and routes match etcd as it is now.
-        assert forgotten(h1, gone_while_down)
-        assert programmed(h1, added_while_down)
+        wait_forgotten(h1, gone_while_down)
+        wait_programmed(h1, added_while_down)
         assert map_subnets(h1) == {IPv4Network(h.agent.subnet) for h in original_hosts(lab) if h is not h1} | {added_while_down}
     finally:
         etcd.delete(key_gone)
