@@ -14,7 +14,7 @@ from typing import Callable, Collection, Iterable
 from pyroute2 import IPRoute
 
 from flannel_bpf.loader.peer import Peer
-from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, PeerFailure, PeerRejected,
+from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, PeerBatches, PeerFailure, PeerRejected,
                                        delete_our_routes, delete_route, for_each_peer,
                                        is_on_link, link_index, prune_our_routes,
                                        reject_own_address, replace_route, require_link)
@@ -24,7 +24,7 @@ __all__ = ["HostGwBackend", "Peer", "PeerFailure", "BackendError", "is_on_link"]
 log = logging.getLogger(__name__)
 
 
-class HostGwBackend:
+class HostGwBackend(PeerBatches):
     def __init__(self, *, uplink: str):
         self.uplink = uplink
 
@@ -32,16 +32,6 @@ class HostGwBackend:
         """Nothing to create; checks the uplink exists and returns its ifindex."""
         with IPRoute() as ipr:
             return require_link(ipr, self.uplink, "uplink")
-
-    def apply_peers(self, peers: Iterable[Peer], cancel: threading.Event | None = None) -> list[PeerFailure]:
-        return self.update(apply=peers, cancel=cancel)
-
-    def remove_peers(self, peers: Iterable[Peer], cancel: threading.Event | None = None) -> list[PeerFailure]:
-        return self.update(remove=peers, cancel=cancel)
-
-    def prune(self, keep: Collection[IPv4Network], cancel: threading.Event | None = None) -> list[PeerFailure]:
-        """Remove our routes through the uplink to subnets not in `keep`."""
-        return self.update(keep=keep, cancel=cancel)
 
     def update(self, apply: Iterable[Peer] = (), remove: Iterable[Peer] = (), *,
                keep: Collection[IPv4Network] | None = None, cancel: threading.Event | None = None,

@@ -29,7 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from flannel_bpf.loader.peer import MAX_VNI, Peer, normalize_mac
-from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, PeerFailure, PeerRejected,
+from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, PeerBatches, PeerFailure, PeerRejected,
                                        delete_our_routes, delete_route, for_each_peer,
                                        is_on_link, link_index, prune_our_routes, replace_route,
                                        require_link)
@@ -70,7 +70,7 @@ class VxlanDevice:
     uplink_ifindex: int
 
 
-class KernelVxlanBackend:
+class KernelVxlanBackend(PeerBatches):
     def __init__(self, *, uplink: str, public_ip: IPv4Address | str, subnet: IPv4Network | str,
                  vni: int = 1, port: int = 0, vtep_mac: str | None = None,
                  mtu: int | None = None, direct_routing: bool = False, learning: bool = False):
@@ -174,18 +174,6 @@ class KernelVxlanBackend:
                                data.get_attr("IFLA_VXLAN_PORT"), data.get_attr("IFLA_VXLAN_LINK"))
 
     # ------------------------------------------------------------------ peers
-
-    def apply_peers(self, peers: Iterable[Peer], cancel: threading.Event | None = None) -> list[PeerFailure]:
-        """Program (or re-program) peers; returns the ones that could not be, with reasons."""
-        return self.update(apply=peers, cancel=cancel)
-
-    def remove_peers(self, peers: Iterable[Peer], cancel: threading.Event | None = None) -> list[PeerFailure]:
-        """Remove the route, neighbour and FDB entry of each peer, whichever mode it was in."""
-        return self.update(remove=peers, cancel=cancel)
-
-    def prune(self, keep: Collection[IPv4Network], cancel: threading.Event | None = None) -> list[PeerFailure]:
-        """Remove what no peer in `keep` needs (see update)."""
-        return self.update(keep=keep, cancel=cancel)
 
     def update(self, apply: Iterable[Peer] = (), remove: Iterable[Peer] = (), *,
                keep: Collection[IPv4Network] | None = None, cancel: threading.Event | None = None,

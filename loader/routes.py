@@ -30,6 +30,21 @@ _RTNH_F_ONLINK = 4
 _GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
 
 
+class PeerBatches:
+    """The one-purpose batches of a kernel backend, each its `update()` with one argument:
+    program peers, remove peers (whichever mode they were in), prune what `keep` does not need.
+    Each returns the peers that could not be handled, with reasons."""
+
+    def apply_peers(self, peers: Iterable["Peer"], cancel: threading.Event | None = None) -> list["PeerFailure"]:
+        return self.update(apply=peers, cancel=cancel)
+
+    def remove_peers(self, peers: Iterable["Peer"], cancel: threading.Event | None = None) -> list["PeerFailure"]:
+        return self.update(remove=peers, cancel=cancel)
+
+    def prune(self, keep: Collection[IPv4Network], cancel: threading.Event | None = None) -> list["PeerFailure"]:
+        return self.update(keep=keep, cancel=cancel)
+
+
 class BackendError(RuntimeError):
     """The backend as a whole cannot work (missing uplink, device creation refused...)."""
 
