@@ -20,8 +20,10 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, replace
+from ipaddress import IPv4Network
 
-from flannel_bpf.controller.config import NetworkConfig, load_network_config_file
+from flannel_bpf.controller.config import NetworkConfig
+from flannel_bpf.controller.flags import FlagError, load_network_config, renew_margin_seconds
 from flannel_bpf.controller.lease import Lease, node_lease_attrs
 from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.registry import SubnetRegistry
@@ -216,18 +218,13 @@ class Agent:
             self.backend.start(lease)
             self._started.set()
         if self.options.ip_masq:
-            from flannel_bpf.controller.ipmasq import IpMasq
-            self.masq = IpMasq(self.config.network, lease.subnet)
-            self.masq.apply()
+            self._masquerade(lease.subnet)
         self._sync_when_listed()
         self.applier.start()
         return lease
 
     def _load_config(self) -> NetworkConfig:
-        if self.options.net_config_path:
-            config = load_network_config_file(self.options.net_config_path)
-        else:
-            config = self.registry.wait_for_network_config(stop=self._stop)
+        config = load_network_config(self.options.net_config_path, self.registry, self._stop)
         overrides = {}
         if self.options.backend:
             overrides["type"] = self.options.backend
@@ -297,10 +294,14 @@ class Agent:
         with self._backend_lock:
             self.backend.start(new)
         if self.masq is not None:
-            self.masq.remove()
-            from flannel_bpf.controller.ipmasq import IpMasq
-            self.masq = IpMasq(self.config.network, new.subnet)
-            self.masq.apply()
+            self._masquerade(new.subnet)
+
+    def _masquerade(self, subnet: IPv4Network) -> None:
+        """flanneld's masq rules for our subnet (apply() rebuilds the chain, so a changed
+        subnet replaces the old rules)."""
+        from flannel_bpf.controller.ipmasq import IpMasq
+        self.masq = IpMasq(self.config.network, subnet)
+        self.masq.apply()
 
     # -- health and metrics ------------------------------------------------------------------
 
@@ -338,7 +339,6 @@ class Agent:
 
 def options_from_args(args: argparse.Namespace) -> AgentOptions:
     """AgentOptions from the parsed flags; FlagError when they do not go together."""
-    from flannel_bpf.controller.flags import FlagError, renew_margin_seconds
     if renew_margin_seconds(args) >= args.subnet_lease_ttl:
         raise FlagError(f"--subnet-lease-renew-margin ({renew_margin_seconds(args)} s) must be shorter than "
                         f"the lease TTL ({args.subnet_lease_ttl} s)")

@@ -227,12 +227,12 @@ def etcd_options_from_args(args: argparse.Namespace, timeout: float = 5.0) -> Et
         raise FlagError(str(exc)) from None
 
 
-def load_network_config(args: argparse.Namespace, registry: SubnetRegistry,
+def load_network_config(net_config_path: str | None, registry: SubnetRegistry,
                         stop: threading.Event | None = None) -> NetworkConfig:
     """The network config from --net-config-path, else from etcd <prefix>/config (waiting for it
     to appear, as flanneld does). Raises ConfigError for a bad config."""
-    if args.net_config_path:
-        return load_network_config_file(args.net_config_path)
+    if net_config_path:
+        return load_network_config_file(net_config_path)
     return registry.wait_for_network_config(stop)
 
 

@@ -118,5 +118,5 @@ def test_inconsistent_flags(tmp_path):
 def test_net_config_path_is_read_without_etcd(tmp_path):
     path = tmp_path / "net-conf.json"
     path.write_text('{"Network": "10.244.0.0/16", "Backend": {"Type": "bpf", "Decap": "tc"}}')
-    config = load_network_config(parse(["--net-config-path", str(path)]), registry=None)
+    config = load_network_config(parse(["--net-config-path", str(path)]).net_config_path, registry=None)
     assert config.backend.decap == "tc"
