@@ -29,7 +29,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_bpf.controller.config import BackendConfig
 from flannel_bpf.controller.lease import Lease
-from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader import attach, host_gw
 from flannel_bpf.loader.coalesce import CoalescingWorker
@@ -94,10 +93,6 @@ class KernelBackend:
                 reason = str(err)
         self._skip(lease.subnet, lease.describe(), reason)
         return None
-
-    def apply(self, event: PeerEvent) -> None:
-        """One peer event: a batch of one."""
-        self.apply_batch({event.lease.subnet: None if event.kind == "removed" else event.lease})
 
     def apply_batch(self, leases: Mapping[IPv4Network, Lease | None]) -> None:
         """Make each subnet's peer the lease given for it (None: no peer), in one batch."""
