@@ -15,16 +15,25 @@
 /* "Not decided yet": returned by parsers when the packet goes on. */
 #define FL_STAT_NONE FL_STAT_MAX
 
-static __always_inline int fl_account(__u32 stat, __u32 len, int action)
+/* The counter slot of one outcome, for a program that uses it before it ends. */
+static __always_inline struct fl_counter *fl_counter_of(__u32 stat)
+{
+	return fl_counters.lookup(&stat);
+}
+
+static __always_inline int fl_count(struct fl_counter *counter, __u32 len, int action)
 {
 	/* Per-CPU slot: no atomics needed, a program never migrates mid-run. */
-	struct fl_counter *counter = fl_counters.lookup(&stat);
-
 	if (counter) {
 		counter->packets += 1;
 		counter->bytes += len;
 	}
 	return action;
+}
+
+static __always_inline int fl_account(__u32 stat, __u32 len, int action)
+{
+	return fl_count(fl_counter_of(stat), len, action);
 }
 
 static __always_inline int fl_stat_is_drop(__u32 stat)

@@ -135,6 +135,13 @@ def test_source_port_is_per_flow_and_in_the_kernel_range(node):
     assert all(32768 <= p < 60999 for p in ports)
 
 
+def test_outer_ip_id_changes_from_packet_to_packet_of_a_flow(node):
+    """DF is clear, so a router may fragment: repeated IDs between two hosts would let
+    fragments of different packets be glued together."""
+    ids = [Ether(node.run(PODS, P.from_pod(P.udp())).result.data)[IP].id for _ in range(200)]
+    assert len(set(ids)) == len(ids)
+
+
 def test_source_port_range_and_vxlan_settings_come_from_the_config(node):
     node.maps.set_local_config(P.node_config(src_port_min=50000, src_port_max=50010, vni=0xABCDEF,
                                              vxlan_port=4789, mtu=3000))

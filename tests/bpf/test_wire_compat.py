@@ -5,7 +5,8 @@ A three-namespace lab: a pod, host 1 (pod veth, flannel.1, uplink) and host 2
 encapsulated by host 1's kernel, captured on host 2's uplink, and (b) run
 through tc_encap_from_pods by test-run. The two must agree field by field,
 except the outer IPv4 ID (the kernel's comes from its per-destination ID
-generator, ours is random: both vary per packet as DF is clear), the IPv4
+generator, ours from a per-CPU packet count: both vary per packet as DF is
+clear), the IPv4
 header checksum that covers it (both are checked for validity instead), the
 outer destination MAC (bpf_redirect_neigh fills it in on transmit), and the
 outer UDP checksum: the kernel computes it, we send 0 (see below).
