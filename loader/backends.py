@@ -32,12 +32,15 @@ from flannel_bpf.controller.lease import Lease
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader import attach, host_gw
 from flannel_bpf.loader.coalesce import CoalescingWorker
+from flannel_bpf.loader.headroom import HEADROOM_PORT, ensure_headroom_port, remove_headroom_port
 from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
 from flannel_bpf.loader.layout import PeerMode
 from flannel_bpf.loader.peer import Peer
 from flannel_bpf.loader.routes import NetlinkLookups, OwnAddresses, PeerRejected, link_index
 
 log = logging.getLogger(__name__)
+
+NO_MAC = "00:00:00:00:00:00"
 
 DEFAULT_BRIDGE = "cni0"
 # Neighbour states that name a pod we can deliver to (not INCOMPLETE/FAILED/NOARP).
@@ -246,6 +249,7 @@ class BpfBackend(VxlanBackend):
         self.attached: dict[str, str] = {}  # attach point -> program name
         self.node = None
         self._bridge_ifindex = 0
+        self._pod_ports: dict[int, str] = {}  # ifindex -> name of pod veths carrying the encap
         self.fallback = CoalescingWorker("flannel-bpf-fallback", self._program_fallback)
         self._prune_wanted = False
         self._own_addresses = None  # this node's addresses, re-read on each reconcile tick
@@ -265,7 +269,8 @@ class BpfBackend(VxlanBackend):
                 uplink_mac=uplink.get_attr("IFLA_ADDRESS"), uplink_ifindex=self.uplink.ifindex,
                 vni=self.config.vni, vxlan_port=self.config.udp_port, mtu=self.uplink.mtu,
                 vxlan_ifindex=self.device.ifindex)
-        self._bridge_ifindex = 0  # re-read by reconcile() below, into the new config
+        self._bridge_ifindex = -1  # re-read by reconcile() below, into the new config
+        self._pod_ports.clear()    # re-attached by it too, with the programs of this start
         self.maps.set_local_config(self.node)
         self._attach("tc_encap_from_host", self.device.name, "egress")
         if self.decap_hook == "xdp":
@@ -290,9 +295,9 @@ class BpfBackend(VxlanBackend):
             self.programs = load_programs(self.pin_dir)  # reuses pinned maps: state survives restarts
             self.maps = self.programs.maps
 
-    def _attach(self, program: str, dev: str, direction: str) -> None:
+    def _attach(self, program: str, dev: str | int, direction: str, label: str = "") -> None:
         attach.attach_tc(dev, direction, self.programs.prog_fds[program], program)
-        self.attached[f"{dev} tc {direction}"] = program
+        self.attached[f"{label or dev} tc {direction}"] = program
 
     # -- peers: maps first (the fast path is ready at once), then the kernel's safety net --
 
@@ -366,23 +371,43 @@ class BpfBackend(VxlanBackend):
     def reconcile(self) -> None:
         with IPRoute() as ipr:
             self._own_addresses = OwnAddresses(ipr)
-            bridge = link_index(ipr, self.bridge)
-            if bridge != self._bridge_ifindex:
-                self._bridge_appeared(ipr, bridge)
+            bridge = link_index(ipr, self.bridge) or 0
+            if bridge and bridge != self._bridge_ifindex:
+                ensure_headroom_port(ipr, bridge)  # before the MAC is read: a port may change it
+            # The bridge's MAC follows its ports' unless set: re-read, it is the pods' gateway.
+            mac = ipr.link("get", index=bridge)[0].get_attr("IFLA_ADDRESS") if bridge else NO_MAC
+            if (bridge, mac) != (self._bridge_ifindex, self.node.bridge_mac):
+                self._bridge_changed(bridge, mac)
+            self._sync_pod_ports(pod_ports(ipr, bridge) if bridge else {})
             if bridge:
                 self._sync_endpoints(ipr, bridge)
 
-    def _bridge_appeared(self, ipr: IPRoute, bridge: int | None) -> None:
+    def _bridge_changed(self, bridge: int, mac: str) -> None:
         import dataclasses
-        mac = ipr.link("get", index=bridge)[0].get_attr("IFLA_ADDRESS") if bridge else "00:00:00:00:00:00"
-        self.node = dataclasses.replace(self.node, bridge_ifindex=bridge or 0, bridge_mac=mac)
+        if bridge and bridge != self._bridge_ifindex:
+            # Earlier versions encapsulated at the bridge: one hook per packet is enough.
+            attach.detach_tc(bridge, "ingress", "tc_encap_from_pods")
+            log.info("pod bridge %s found: its pods' traffic enters the bpf path at their veths",
+                     self.bridge)
+        self.node = dataclasses.replace(self.node, bridge_ifindex=bridge, bridge_mac=mac)
         self.maps.set_local_config(self.node)
-        self._bridge_ifindex = bridge or 0
-        if bridge:
-            self._attach("tc_encap_from_pods", self.bridge, "ingress")
-            log.info("pod bridge %s found: pod traffic now enters the bpf path", self.bridge)
-        else:
-            self.attached.pop(f"{self.bridge} tc ingress", None)
+        self._bridge_ifindex = bridge
+
+    def _sync_pod_ports(self, ports: Mapping[int, str]) -> None:
+        """tc_encap_from_pods on the ingress of every pod's host-side veth, as Cilium does:
+        a pod's packet is encapsulated before the bridge sees it, so it skips the bridge, and
+        bridge netfilter with it (Kubernetes sets bridge-nf-call-iptables). Until a new pod's
+        port has it, that pod's traffic takes the kernel path."""
+        for ifindex, ifname in ports.items():
+            if self._pod_ports.get(ifindex) != ifname:
+                try:
+                    self._attach("tc_encap_from_pods", ifindex, "ingress", label=ifname)
+                except attach.AttachError as err:  # the pod went away meanwhile
+                    log.info("pod port %s: not attached: %s", ifname, err)
+                    continue
+                self._pod_ports[ifindex] = ifname
+        for ifindex in [i for i in self._pod_ports if i not in ports]:
+            self.attached.pop(f"{self._pod_ports.pop(ifindex)} tc ingress", None)
 
     def _sync_endpoints(self, ipr: IPRoute, bridge: int) -> None:
         """Local pods for decap delivery: pod IP -> MAC from the bridge's neighbours, MAC ->
@@ -434,11 +459,20 @@ def loosen_rp_filter(uplink: str) -> None:
                     "dropped; set it to 0 or 2, or use --decap tc")
 
 
+def pod_ports(ipr: IPRoute, bridge: int) -> dict[int, str]:
+    """The pod bridge's ports (ifindex -> name), but for the headroom port."""
+    return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.link("dump", master=bridge)
+            if link.get_attr("IFLA_MASTER") == bridge and link.get_attr("IFLA_IFNAME") != HEADROOM_PORT}
+
+
 def detach_bpf(uplink: str, vni: int, bridge: str, pin_dir: str) -> None:
     """Remove every program this backend attaches, and its pins. Idempotent; missing devices
     are fine."""
     with IPRoute() as ipr:
         present = {name for name in (uplink, vxlan_device_name(vni), bridge) if link_index(ipr, name)}
+        ports = pod_ports(ipr, link_index(ipr, bridge)) if bridge in present else {}
+    for ifindex in ports:
+        attach.detach_tc(ifindex, "ingress", "tc_encap_from_pods")
     for dev, direction, program in ((uplink, "ingress", "tc_decap"),
                                     (vxlan_device_name(vni), "egress", "tc_encap_from_host"),
                                     (bridge, "ingress", "tc_encap_from_pods")):
@@ -446,6 +480,8 @@ def detach_bpf(uplink: str, vni: int, bridge: str, pin_dir: str) -> None:
             attach.detach_tc(dev, direction, program)
     if uplink in present:
         attach.detach_xdp(uplink)
+    with IPRoute() as ipr:
+        remove_headroom_port(ipr)
     attach.unlink_pins(pin_dir)
 
 

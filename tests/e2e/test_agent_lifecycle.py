@@ -87,7 +87,8 @@ def test_detach_in_the_host_namespace_removes_everything_the_agent_made(single):
     pin_dir = Path(host.agent.pin_dir)
     # What a stopped agent leaves in place, so that detach has something to remove.
     assert "tc_decap" in _sh(host.netns, "tc", "filter", "show", "dev", "eth0", "ingress")
-    assert "tc_encap_from_pods" in _sh(host.netns, "tc", "filter", "show", "dev", "cni0", "ingress")
+    assert "tc_encap_from_pods" in _sh(host.netns, "tc", "filter", "show", "dev", "vethp1", "ingress")
+    assert "flbpf-headroom" in _sh(host.netns, "ip", "link", "show", "master", "cni0")
     assert "tc_encap_from_host" in _sh(host.netns, "tc", "filter", "show", "dev", "flannel.1", "egress")
     assert pin_dir.is_dir() and any(pin_dir.iterdir())
     assert route_subnets(host) == {PEER}
@@ -97,10 +98,11 @@ def test_detach_in_the_host_namespace_removes_everything_the_agent_made(single):
         detach = cli("detach", "--iface", "eth0", netns=host.netns, timeout=60)
         assert detach.returncode == 0, f"attempt {attempt}: {detach.stderr}"
 
-    for dev, direction in (("eth0", "ingress"), ("cni0", "ingress")):
+    for dev, direction in (("eth0", "ingress"), ("cni0", "ingress"), ("vethp1", "ingress")):
         assert _sh(host.netns, "tc", "filter", "show", "dev", dev, direction).strip() == ""
+    assert "clsact" not in _sh(host.netns, "tc", "qdisc", "show", "dev", "vethp1")
     links = _sh(host.netns, "ip", "-d", "-o", "link", "show")
-    assert "flannel.1" not in links and "xdp" not in links
+    assert "flannel.1" not in links and "xdp" not in links and "flbpf-headroom" not in links
     assert not pin_dir.exists() and not pin_dir.parent.exists()
     assert route_subnets(host) == set()
     assert "FLANNEL" not in _sh(host.netns, "iptables", "-t", "nat", "-S")
