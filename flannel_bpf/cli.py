@@ -5,10 +5,10 @@ import argparse
 import logging
 import sys
 
-from rich.console import Console
 from rich.logging import RichHandler
 
 from flannel_bpf import __version__
+from flannel_bpf.console import make_console
 
 log = logging.getLogger("flannel-bpf")
 
@@ -20,7 +20,7 @@ class UsageError(Exception):
 def setup_logging(verbose: bool) -> None:
     """rich on a terminal; one plain line per event otherwise (journald, log files)."""
     if sys.stderr.isatty():
-        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False,
+        handler = RichHandler(console=make_console(stderr=True), show_path=False, rich_tracebacks=False,
                               log_time_format="%H:%M:%S")
         fmt = "%(message)s"
     else:

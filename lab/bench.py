@@ -52,7 +52,7 @@ def run(parts: tuple[str, ...] = PARTS, *, rounds: int = 3, seconds: float = 5.0
 
 def net_table(results: list[dict], console=None) -> None:
     """The network figures side by side, each path a row, with ratios to kernel vxlan."""
-    from rich.console import Console
+    from flannel_bpf.console import make_console
     from rich.table import Table
 
     by_path: dict[str, dict[str, dict]] = {}
@@ -76,7 +76,7 @@ def net_table(results: list[dict], console=None) -> None:
             ratio = record.get("vs_vxlan")
             cells.append(f"{record['value']:.3g}" + (f" ({ratio:.2f}x)" if ratio is not None and path != "vxlan" else ""))
         table.add_row(path, *cells)
-    (console or Console()).print(table)
+    (console or make_console()).print(table)
 
 
 def chart(results: list[dict], path: Path) -> Path | None:
@@ -115,8 +115,8 @@ def chart(results: list[dict], path: Path) -> Path | None:
 
 
 def report(results: list[dict], params: dict, out: Path = RESULTS_DIR, console=None) -> tuple[Path, Path | None]:
-    from rich.console import Console
-    console = console or Console()
+    from flannel_bpf.console import make_console
+    console = console or make_console()
     net_table(results, console)
     print_table(results, "flannel-bpf lab bench: every figure", console)
     json_path = write_json("bench", results, params, out)

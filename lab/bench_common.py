@@ -115,10 +115,10 @@ def _format_value(value) -> str:
 
 def print_table(results: list[dict], title: str, console=None) -> None:
     """The results as a rich table: metric, value, unit, target, verdict, note."""
-    from rich.console import Console
+    from flannel_bpf.console import make_console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or make_console()
     table = Table(title=title, show_lines=False, title_justify="left")
     for column, justify in (("metric", "left"), ("value", "right"), ("unit", "left"), ("target", "left"),
                             ("ok", "center"), ("note", "left")):
@@ -327,7 +327,7 @@ def run_cli(benchmark: str, description: str, add_arguments, run) -> int:
     `add_arguments(parser)` adds the benchmark's flags; `run(args)` returns (results, params)."""
     import argparse
 
-    from rich.console import Console
+    from flannel_bpf.console import make_console
     from rich.logging import RichHandler
 
     parser = argparse.ArgumentParser(prog=f"python -m flannel_bpf.lab.bench_{benchmark}", description=description)
@@ -335,7 +335,7 @@ def run_cli(benchmark: str, description: str, add_arguments, run) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     add_arguments(parser)
     args = parser.parse_args()
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     for noisy in ("pyroute2", "grpc"):
@@ -346,7 +346,7 @@ def run_cli(benchmark: str, description: str, add_arguments, run) -> int:
     for what in remove_stale():
         log.info("removed %s left by an earlier run", what)
     results, params = run(args)
-    print_table(results, f"flannel-bpf bench: {benchmark}", Console())
+    print_table(results, f"flannel-bpf bench: {benchmark}", make_console())
     path = write_json(benchmark, results, params, args.out)
     console.print(f"results written to {path}")
     missed = [r["metric"] for r in results if r.get("ok") is False]

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from flannel_bpf.cli import UsageError
+from flannel_bpf.console import make_console
 from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.topology import DEFAULT_LAB, Lab, LabError, LabNotFound
 
@@ -121,7 +122,7 @@ def run_up(args: argparse.Namespace) -> int:
                         backends=args.backends, etcd_members=args.etcd,
                         second_subnet=args.second_subnet, direct_routing=args.direct_routing,
                         decap=args.decap, vni=args.vni)
-    console = Console()
+    console = make_console()
     try:
         spec.validate()
         with _progress(console) as bars:
@@ -141,9 +142,9 @@ def run_down(args: argparse.Namespace) -> int:
     except LabError as err:
         raise UsageError(str(err)) from None
     if not (report.namespaces or report.killed_pids or report.pin_dirs or report.state_file_removed):
-        Console().print(f"lab {args.name}: nothing to remove")
+        make_console().print(f"lab {args.name}: nothing to remove")
         return 0
-    Console().print(f"lab {args.name} removed: {len(report.namespaces)} namespaces, "
+    make_console().print(f"lab {args.name} removed: {len(report.namespaces)} namespaces, "
                     f"{len(report.killed_pids)} processes, {len(report.pin_dirs)} pin directories")
     return 0
 
@@ -155,7 +156,7 @@ def run_status(args: argparse.Namespace) -> int:
         json.dump(info, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    console = Console()
+    console = make_console()
     _print_hosts(console, info)
     etcd = info["etcd"]
     if etcd:
@@ -174,7 +175,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_ping(args: argparse.Namespace) -> int:
     if not 1 <= args.count <= 100:
         raise UsageError(f"--count must be 1..100, got {args.count}")
-    return _ping_and_print(Console(), _load(args.name), count=args.count)
+    return _ping_and_print(make_console(), _load(args.name), count=args.count)
 
 
 def _yes(flag) -> str:
@@ -255,7 +256,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--only: unknown part(s) {', '.join(unknown)}; use {', '.join(bench.PARTS)}")
     if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60:
         raise UsageError("--rounds must be 1..20 and --seconds 1..60")
-    console = Console()
+    console = make_console()
     with _progress(console) as progress:
         results, params = bench.run(tuple(args.only), rounds=args.rounds, seconds=args.seconds,
                                     quick=args.quick, progress=RichProgress(progress))

@@ -7,7 +7,7 @@ import json
 import time
 
 from pyroute2 import IPRoute
-from rich.console import Console
+from flannel_bpf.console import make_console
 from rich.live import Live
 from rich.table import Table
 
@@ -95,7 +95,7 @@ def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    console = Console(emoji=False)  # ":ab:" in a MAC address is not an emoji
+    console = make_console(emoji=False)  # ":ab:" in a MAC address is not an emoji
     node = status["node"] or {}
     console.print(f"[bold]{args.iface}[/]: subnet {node.get('subnet', '?')} at {node.get('underlay_ip', '?')}, "
                   f"VtepMAC {node.get('vtep_mac', '?')}, VNI {node.get('vni', '?')}, "
@@ -135,7 +135,7 @@ def run_stats(args: argparse.Namespace) -> int:
     with _open_maps(args) as maps:
         refreshes = args.count or (int(MAX_WATCH_SECONDS / args.interval) if args.watch else 1)
         previous, start = maps.read_counters(), time.monotonic()
-        with Live(console=Console(emoji=False), auto_refresh=False) as live:
+        with Live(console=make_console(emoji=False), auto_refresh=False) as live:
             for _ in range(refreshes):
                 time.sleep(args.interval)
                 current, now = maps.read_counters(), time.monotonic()
