@@ -20,7 +20,6 @@ from flannel_bpf.lab.bench_common import SCRATCH_UPLINK, scratch_netns
 from flannel_bpf.lab.run import run_in_netns
 from flannel_bpf.loader.attach import unlink_pins
 from flannel_bpf.loader.backends import BpfBackend, HostGwBackend, VxlanBackend
-from flannel_bpf.loader.maps import DataPlaneMaps
 from flannel_bpf.loader.netns import in_netns
 
 pytestmark = pytest.mark.usefixtures("require_root")
