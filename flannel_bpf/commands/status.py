@@ -14,7 +14,7 @@ from rich.table import Table
 from flannel_bpf.cli import UsageError
 from flannel_bpf.controller.subnet_env import read_subnet_env
 from flannel_bpf.loader import attach
-from flannel_bpf.loader.backends import DEFAULT_BRIDGE, choose_decap_hook, link_kind
+from flannel_bpf.loader.backends import DEFAULT_BRIDGE, choose_decap_hook, link_kind, pod_ports
 from flannel_bpf.loader.kernel_vxlan import vxlan_device_name
 from flannel_bpf.loader.routes import link_index
 
@@ -52,6 +52,8 @@ def attach_points(iface: str, bridge: str, vni: int) -> tuple[list[dict], dict]:
     with IPRoute() as ipr:
         present = [d for d in (iface, vxlan_device_name(vni), bridge) if link_index(ipr, d)]
         kind = link_kind(ipr, link_index(ipr, iface)) if iface in present else None
+        if bridge in present:  # the pods' veths carry the encap
+            present += sorted(pod_ports(ipr, link_index(ipr, bridge)).values())
     for dev in present:
         for f in attach.list_tc(dev):
             points.append({"device": dev, "hook": f"tc {f.direction}", "program": f.name, "id": f.prog_id})
