@@ -3,10 +3,11 @@
  * flannel-bpf, sending side: packets for a remote flannel subnet leave by the
  * uplink without the kernel's routing and vxlan device.
  *
- *   tc_encap_from_pods  tc ingress of the pod bridge (cni0). Pods send
- *                       off-subnet traffic to the gateway MAC, so the bridge
- *                       hands it up here before the routing stack: we are
- *                       the router, so TTL - 1.
+ *   tc_encap_from_pods  tc ingress of each pod's host-side veth (the ports
+ *                       of the pod bridge, cni0). Pods send off-subnet
+ *                       traffic to the gateway MAC: we take it before the
+ *                       bridge, bridge netfilter and the routing stack. We
+ *                       are the router, so TTL - 1.
  *   tc_encap_from_host  tc egress of flannel.<VNI>: host-originated traffic
  *                       the kernel has already routed (TTL already done).
  *
@@ -169,8 +170,14 @@ static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwar
 	stat = fl_parse_eth_ipv4(data, data_end, len, &eth, &iph);
 	if (stat != FL_STAT_NONE)
 		return fl_tc_account(stat, len);
-	if (fl_mac_is_multicast(eth->h_dest))
-		return fl_tc_account(FL_STAT_PASS_NOT_UNICAST, len);
+	/*
+	 * Only what a pod sends to its gateway is routed. At a pod's veth we see
+	 * every frame it sends: one for another MAC (a local pod that routes, say)
+	 * is the bridge's to deliver, as are broadcast and multicast. On
+	 * flannel.<VNI> the kernel has routed already and set a peer's VtepMAC.
+	 */
+	if (forwarding ? !fl_mac_equal(eth->h_dest, cfg->bridge_mac) : fl_mac_is_multicast(eth->h_dest))
+		return fl_tc_account(FL_STAT_PASS_NOT_FOR_GATEWAY, len);
 
 	key.addr = iph->daddr;
 	peer = fl_peers.lookup(&key);

@@ -36,7 +36,7 @@ from flannel_bpf.lab.topology import (DEFAULT_LAB, MAX_HOSTS, POD_NETWORK, UNDER
                                       UNDERLAY_BRIDGES, AgentState, DestroyReport,
                                       EtcdMemberState, EtcdState, Host, Lab, LabError, Pod,
                                       destroy, list_labs, read_state, run_dir)
-from flannel_bpf.loader.attach import default_pin_dir
+from flannel_bpf.loader.attach import default_pin_dir, list_tc
 from flannel_bpf.loader.netns import in_netns
 
 log = logging.getLogger(__name__)
@@ -371,13 +371,23 @@ def metrics_text(host: Host, timeout: float = 2.0) -> str:
     return body
 
 
+def pods_attached(host: Host) -> bool:
+    """On a bpf host, whether every pod's veth carries the encap (the agent attaches it at its
+    next reconcile after the pod appears); until then that pod's traffic takes the kernel path,
+    which would blur what a test or a benchmark sees. Always true on other backends."""
+    if host.agent is None or host.agent.backend != "bpf" or not host.pods:
+        return True
+    with in_netns(host.netns):
+        return all(any(f.name == "tc_encap_from_pods" for f in list_tc(pod.host_veth)) for pod in host.pods)
+
+
 def wait_ready(lab: Lab, indices: Iterable[int], timeout: float = READY_TIMEOUT,
                progress: Progress = NoProgress()) -> None:
     pending = [lab.host(i) for i in indices]
     deadline = time.monotonic() + timeout
     while pending:
         for host in list(pending):
-            if readyz(host, timeout=1.0) == 200:
+            if readyz(host, timeout=1.0) == 200 and pods_attached(host):
                 pending.remove(host)
                 progress.advance("ready")
             elif not agent_running(host):

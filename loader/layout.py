@@ -32,7 +32,7 @@ class Stat(enum.IntEnum):
     ENCAP_VXLAN = 0
     FWD_DIRECT = 1
     PASS_NO_ROUTE = 2
-    PASS_NOT_UNICAST = 3
+    PASS_NOT_FOR_GATEWAY = 3
     PASS_OVERSIZE = 4
     PASS_ENCAP_FAILED = 5
     PASS_NO_CONFIG = 6

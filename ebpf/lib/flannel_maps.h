@@ -76,7 +76,7 @@ struct fl_local_config {
 	__u32 vxlan_ifindex;     /* flannel.<VNI> (attach point; status only) */
 	__u8 vtep_mac[6];        /* our VtepMAC: inner source MAC of encap */
 	__u8 uplink_mac[6];      /* inner destination MAC after XDP decap (else OTHERHOST) */
-	__u8 bridge_mac[6];      /* source MAC of packets delivered to pods (the gateway) */
+	__u8 bridge_mac[6];      /* the pods' gateway: what encap routes, source of delivery to pods */
 	__u8 pad[2];
 };
 
@@ -97,7 +97,7 @@ enum fl_stat {
 	FL_STAT_ENCAP_VXLAN = 0,         /* encapsulated, redirected to the uplink */
 	FL_STAT_FWD_DIRECT = 1,          /* routed to a same-L2 peer without encap */
 	FL_STAT_PASS_NO_ROUTE = 2,       /* destination is in no remote subnet */
-	FL_STAT_PASS_NOT_UNICAST = 3,    /* L2 broadcast/multicast is never routed */
+	FL_STAT_PASS_NOT_FOR_GATEWAY = 3, /* not sent to the gateway MAC (or multicast): bridged, not routed */
 	FL_STAT_PASS_OVERSIZE = 4,       /* too big for the path: kernel sends frag-needed or fragments */
 	FL_STAT_PASS_ENCAP_FAILED = 5,   /* bpf_skb_adjust_room refused; packet untouched */
 	/* shared by both sides */
