@@ -188,7 +188,8 @@ def summarize(samples: dict[str, dict[str, list[float]]]) -> list[dict]:
             ratios = {f"vs_{ref}": round(value / medians[ref][name], 3)
                       for ref in ("vxlan", "underlay") if medians.get(ref, {}).get(name)}
             results.append(metric(f"net.{path}.{name}", round(value, 3), UNITS[name],
-                                  samples=len(samples[path][name]), **ratios))
+                                  samples=len(samples[path][name]),
+                                  rounds=[round(v, 3) for v in samples[path][name]], **ratios))
     for bpf in (p for p in medians if p.startswith("bpf")):
         for name, ref, comparator, bound in TARGETS:
             ours, theirs = medians[bpf].get(name), medians.get(ref, {}).get(name)
