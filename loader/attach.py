@@ -305,12 +305,19 @@ def default_pin_dir(ifname: str) -> Path:
 
 
 def pin_object(fd: int, path: str | Path) -> Path:
-    """Pin a program or map at `path` (parents made), replacing an older pin there."""
+    """Pin a program or map at `path` (parents made). An older pin there is replaced
+    atomically (pinned under a temporary name, renamed over it): a reader never finds the
+    path empty."""
     p = _under_bpffs(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    if p.exists():
-        p.unlink()
-    bpfsys.obj_pin(fd, str(p))
+    staging = p.with_name(f"{p.name}_pinning_{os.getpid()}")  # bpffs refuses '.' in names
+    staging.unlink(missing_ok=True)
+    bpfsys.obj_pin(fd, str(staging))
+    try:
+        os.replace(staging, p)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     return p
 
 

@@ -21,6 +21,10 @@ BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 PERCPU_MAP_TYPES = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH})
 
+# enum bpf_prog_type (uapi/linux/bpf.h): the kinds this project loads
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_PROG_TYPE_XDP = 6
+
 BPF_ANY = 0  # update flag: create or replace
 
 
@@ -51,6 +55,25 @@ class BpfMapInfo(ctypes.Structure):
         ("btf_value_type_id", ctypes.c_uint32),
         ("_pad", ctypes.c_uint32),
         ("map_extra", ctypes.c_uint64),
+    ]
+
+
+class BpfProgInfo(ctypes.Structure):
+    """struct bpf_prog_info (uapi) up to its name; the kernel fills as much as is asked for."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
     ]
 
 
@@ -138,11 +161,18 @@ def prog_get_fd_by_id(prog_id: int) -> int:
     return check(libbpf().bpf_prog_get_fd_by_id(prog_id), f"open BPF program id {prog_id}")
 
 
-def map_info(fd: int) -> BpfMapInfo:
-    info = BpfMapInfo()
+def _obj_info(fd: int, info):
     size = ctypes.c_uint32(ctypes.sizeof(info))
     check(libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
     return info
+
+
+def map_info(fd: int) -> BpfMapInfo:
+    return _obj_info(fd, BpfMapInfo())
+
+
+def prog_info(fd: int) -> BpfProgInfo:
+    return _obj_info(fd, BpfProgInfo())
 
 
 def test_run(prog_fd: int, opts: BpfTestRunOpts) -> None:
