@@ -21,7 +21,6 @@ import logging
 import socket
 import threading
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
 from typing import Callable, Mapping
 
 from pyroute2 import IPRoute
@@ -281,18 +280,18 @@ class BpfBackend(VxlanBackend):
         else:
             attach.detach_xdp(self.uplink.name)
             self._attach("tc_decap", self.uplink.name, "ingress")
-        for name, fd in self.programs.prog_fds.items():
-            attach.pin_program(fd, Path(self.pin_dir) / f"prog_{name}")
         log.info("bpf data plane on %s: decap at %s (%s); maps pinned in %s", self.uplink.name,
                  self.decap_hook, self.decap_reason, self.pin_dir)
         self.fallback.start()  # in this thread's network namespace
         self.reconcile()
 
     def prepare(self) -> None:
-        """Compile and load the programs (seconds on a busy machine), once per agent."""
-        from flannel_bpf.loader.program import load_programs
+        """Compile, load and pin the programs (seconds on a busy machine), once per agent, in a
+        child process: bcc's clang and LLVM would stay in this one (~150 MiB)."""
+        from flannel_bpf.loader.program import load_programs_in_child
         if self.programs is None:
-            self.programs = load_programs(self.pin_dir)  # reuses pinned maps: state survives restarts
+            # Reuses the pinned maps: state survives restarts.
+            self.programs = load_programs_in_child(self.pin_dir)
             self.maps = self.programs.maps
 
     def _attach(self, program: str, dev: str | int, direction: str, label: str = "") -> None:

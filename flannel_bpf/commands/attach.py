@@ -12,6 +12,7 @@ from flannel_bpf.controller.flags import FlagError, add_flanneld_flags, etcd_opt
 from flannel_bpf.controller.registry import EtcdError, SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, OutOfSubnets, SubnetAcquireError
 from flannel_bpf.controller.uplink import UplinkError, select_uplink
+from flannel_bpf.loader.program import LoadError
 
 log = logging.getLogger("flannel-bpf")
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: agent.stop())
     try:
         agent.run()
-    except (ConfigError, OutOfSubnets, SubnetAcquireError, EtcdError, UplinkError) as err:
+    except (ConfigError, OutOfSubnets, SubnetAcquireError, EtcdError, UplinkError, LoadError) as err:
         log.error("%s", err)
         return 1
     finally:

@@ -16,6 +16,7 @@ from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.nshttp import http_get
 from flannel_bpf.lab.run import run_in_netns
 from flannel_bpf.lab.topology import Lab, list_labs
+from flannel_bpf.loader.program import PROGRAMS
 
 from e2e_lab import (assert_lab_gone, cli, fake_lease, lab_name, root_snapshot, route_subnets,
                      wait_programmed, wait_until)
@@ -71,6 +72,18 @@ def test_readyz_is_503_until_config_lease_and_data_plane_then_200(single):
     assert {"encap_vxlan", "decap_to_pod", "pass_not_local_endpoint"} <= verdicts
     assert metrics["flannel_bpf_lease_expiry_timestamp_seconds"].samples[0].value > time.time() + 3600
     wait_programmed(host, PEER)
+
+
+def test_the_agent_never_maps_the_compiler_its_child_pinned_the_programs(single):
+    """bcc (libbcc, clang, LLVM: ~150 MiB) runs only in the agent's short-lived loader child."""
+    lab, _ = single
+    host = lab.host(1)
+    assert orch.agent_running(host)
+    mapped = Path(f"/proc/{host.agent.pid}/maps").read_text()
+    assert "libbpf.so" in mapped  # the agent's own libbpf binding: these are its mappings
+    assert [lib for lib in ("libbcc", "libclang", "libLLVM") if lib in mapped] == []
+    pins = {p.name for p in Path(host.agent.pin_dir).iterdir()}
+    assert {f"prog_{name}" for name in PROGRAMS} <= pins
 
 
 def test_lab_up_refuses_a_lab_that_is_already_up(single):
