@@ -100,6 +100,27 @@ def test_host_reaches_remote_pods_through_flannel_vxlan_device(shared):
         assert counters(host)["encap_vxlan"] - before[host.index] >= 8
 
 
+def test_a_new_gateway_mac_is_followed_and_pods_stay_on_the_bpf_path(shared):
+    """The bridge's MAC is the pods' gateway: encap routes only frames sent to it. When it
+    changes (here set by hand; a bridge without a set address takes its ports' smallest),
+    the agent must follow, or every pod packet would fall back to the kernel path."""
+    host, peer = shared.lab.host(1), shared.lab.host(2)
+    pod = host.pods[0]
+    new_mac = "02:aa:bb:cc:dd:01"
+    run_in_netns(host.netns, ["ip", "link", "set", "cni0", "address", new_mac])
+    with DataPlaneMaps(host.agent.pin_dir) as maps:
+        wait_until(lambda: maps.get_local_config().bridge_mac == new_mac, timeout=5.0,
+                   what="fl_config.bridge_mac follows cni0's new MAC")
+    for each in host.pods:  # as with any router whose MAC changes, pods re-learn it by ARP
+        run_in_netns(each.netns, ["ip", "neigh", "flush", "dev", "eth0"])
+    before = counters(host)
+    assert ping(pod.netns, peer.pods[0].ip, count=3, wait=1.0).ok
+    after = counters(host)
+    assert after["encap_vxlan"] - before["encap_vxlan"] >= 3
+    # Encapsulated at the pod's veth, not handed to the kernel as "not for the gateway" first.
+    assert after["pass_not_for_gateway"] == before["pass_not_for_gateway"]
+
+
 def test_status_json_matches_etcd_and_ping_command(shared):
     import json
     lab = shared.lab
