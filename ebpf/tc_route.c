@@ -136,7 +136,7 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb, const struct fl_lo
 	hdr->udp.len = bpf_htons(outer_l3_len - sizeof(struct iphdr));
 	hdr->udp.check = 0;
 
-	hdr->vxlan.flags = bpf_htonl(FL_VXLAN_FLAG_VNI);
+	hdr->vxlan.flags = bpf_htonl(fl_vxlan_flags(cfg, skb->mark));
 	hdr->vxlan.vni = bpf_htonl(cfg->vni << 8);
 
 	__builtin_memcpy(hdr->inner_eth.h_dest, peer->vtep_mac, ETH_ALEN);

@@ -192,7 +192,7 @@ class VxlanBackend(KernelBackend):
             uplink=self.uplink.name, public_ip=self.uplink.ip, subnet=lease.subnet,
             vni=self.config.vni, port=self.config.port, vtep_mac=self.vtep_mac,
             mtu=self.config.mtu or None, direct_routing=self.config.direct_routing,
-            learning=self.config.learning)
+            learning=self.config.learning, gbp=self.config.gbp)
         self.device = self.kernel.setup()
 
 
@@ -267,7 +267,7 @@ class BpfBackend(VxlanBackend):
                 underlay_ip=self.uplink.ip, subnet=lease.subnet, vtep_mac=self.device.mac,
                 uplink_mac=uplink.get_attr("IFLA_ADDRESS"), uplink_ifindex=self.uplink.ifindex,
                 vni=self.config.vni, vxlan_port=self.config.udp_port, mtu=self.uplink.mtu,
-                vxlan_ifindex=self.device.ifindex)
+                vxlan_ifindex=self.device.ifindex, gbp=self.config.gbp)
         self._bridge_ifindex = -1  # re-read by reconcile() below, into the new config
         self._pod_ports.clear()    # re-attached by it too, with the programs of this start
         self.maps.set_local_config(self.node)

@@ -73,7 +73,8 @@ class VxlanDevice:
 class KernelVxlanBackend(PeerBatches):
     def __init__(self, *, uplink: str, public_ip: IPv4Address | str, subnet: IPv4Network | str,
                  vni: int = 1, port: int = 0, vtep_mac: str | None = None,
-                 mtu: int | None = None, direct_routing: bool = False, learning: bool = False):
+                 mtu: int | None = None, direct_routing: bool = False, learning: bool = False,
+                 gbp: bool = False):
         """`subnet` is this node's own lease subnet; port 0 means the kernel default 8472;
         mtu None means uplink MTU - 50; vtep_mac None keeps an existing device's MAC or makes
         a random one."""
@@ -95,6 +96,7 @@ class KernelVxlanBackend(PeerBatches):
         self.mtu = mtu
         self.direct_routing = direct_routing
         self.learning = learning
+        self.gbp = gbp
         self.name = vxlan_device_name(vni)
 
     # ------------------------------------------------------------------ the device
@@ -117,7 +119,7 @@ class KernelVxlanBackend(PeerBatches):
                     ipr.link("add", ifname=self.name, kind="vxlan", vxlan_id=self.vni,
                              vxlan_local=str(self.public_ip), vxlan_link=uplink_idx,
                              vxlan_port=self.port, vxlan_learning=int(self.learning),
-                             address=mac, mtu=mtu)
+                             address=mac, mtu=mtu, **({"vxlan_gbp": True} if self.gbp else {}))
                 except NetlinkError as e:
                     raise BackendError(f"cannot create {self.name}: {e}") from e
                 idx = require_link(ipr, self.name, "VXLAN device")
@@ -145,7 +147,8 @@ class KernelVxlanBackend(PeerBatches):
                 and data.get_attr("IFLA_VXLAN_LOCAL") == str(self.public_ip)
                 and data.get_attr("IFLA_VXLAN_LINK") == uplink_idx
                 and data.get_attr("IFLA_VXLAN_PORT") == self.port
-                and bool(data.get_attr("IFLA_VXLAN_LEARNING")) == self.learning)
+                and bool(data.get_attr("IFLA_VXLAN_LEARNING")) == self.learning
+                and (data.get_attr("IFLA_VXLAN_GBP") is not None) == self.gbp)
 
     def _ensure_only_address(self, ipr: IPRoute, idx: int) -> None:
         # flannel's EnsureV4AddressOnLink: <subnet .0>/32 and no other IPv4 address.

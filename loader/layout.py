@@ -125,7 +125,8 @@ class LocalConfig(ctypes.Structure):
         ("vtep_mac", Mac),
         ("uplink_mac", Mac),
         ("bridge_mac", Mac),
-        ("pad", ctypes.c_uint8 * 2),
+        ("gbp", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
     ]
 
 

@@ -70,6 +70,7 @@ class NodeConfig:
     vxlan_ifindex: int = 0
     src_port_min: int = layout.DEFAULT_SRC_PORT_RANGE[0]
     src_port_max: int = layout.DEFAULT_SRC_PORT_RANGE[1]
+    gbp: bool = False                     # Backend.GBP: policy IDs from skb->mark, as the kernel device
 
     @classmethod
     def make(cls, *, underlay_ip, subnet, vtep_mac, uplink_mac, uplink_ifindex: int, **kw) -> "NodeConfig":
@@ -88,6 +89,8 @@ class NodeConfig:
             raise ValueError(f"VXLAN port {self.vxlan_port!r}: must be 1..65535")
         if not 576 + layout.VXLAN_OVERHEAD <= self.mtu <= 65535:
             raise ValueError(f"MTU {self.mtu!r}: must be {576 + layout.VXLAN_OVERHEAD}..65535")
+        if not isinstance(self.gbp, bool):
+            raise ValueError(f"gbp {self.gbp!r}: must be true or false")
         if not 1 <= self.src_port_min < self.src_port_max <= 65535:
             raise ValueError(f"source port range {self.src_port_min}-{self.src_port_max}: need 1 <= min < max <= 65535")
         _check_ifindex("uplink ifindex", self.uplink_ifindex, required=True)
@@ -111,6 +114,7 @@ class NodeConfig:
             vtep_mac=layout.c_array(layout.Mac, layout.mac_to_bytes(self.vtep_mac)),
             uplink_mac=layout.c_array(layout.Mac, layout.mac_to_bytes(self.uplink_mac)),
             bridge_mac=layout.c_array(layout.Mac, layout.mac_to_bytes(self.bridge_mac)),
+            gbp=int(self.gbp),
         )
 
     @classmethod
@@ -122,6 +126,7 @@ class NodeConfig:
             uplink_ifindex=c.uplink_ifindex, vni=c.vni, vxlan_port=c.vxlan_port, mtu=c.mtu,
             bridge_mac=layout.bytes_to_mac(c.bridge_mac), bridge_ifindex=c.bridge_ifindex,
             vxlan_ifindex=c.vxlan_ifindex, src_port_min=c.src_port_min, src_port_max=c.src_port_max,
+            gbp=bool(c.gbp),
         )
 
 

@@ -77,7 +77,8 @@ struct fl_local_config {
 	__u8 vtep_mac[6];        /* our VtepMAC: inner source MAC of encap */
 	__u8 uplink_mac[6];      /* inner destination MAC after XDP decap (else OTHERHOST) */
 	__u8 bridge_mac[6];      /* the pods' gateway: what encap routes, source of delivery to pods */
-	__u8 pad[2];
+	__u8 gbp;                /* Backend.GBP: the Group Based Policy extension, as the kernel device */
+	__u8 pad;
 };
 
 /* Value of fl_counters (per CPU): what one counter id has seen. */

@@ -15,6 +15,15 @@ struct fl_vxlanhdr {
 };
 
 #define FL_VXLAN_FLAG_VNI 0x08000000
+/*
+ * Group Based Policy (draft-smith-vxlan-group-policy), as the kernel's
+ * vxlan_build_gbp_hdr() writes it from skb->mark: G flag, D (don't learn)
+ * and A (policy applied) from mark bits 22 and 19, policy ID from bits 0-15.
+ */
+#define FL_VXLAN_FLAG_GBP 0x80000000
+#define FL_GBP_DONT_LEARN (1U << 22)
+#define FL_GBP_POLICY_APPLIED (1U << 19)
+#define FL_GBP_ID_MASK 0xffffU
 #define FL_OUTER_TTL 64 /* the kernel device's default: ip4_dst_hoplimit() */
 
 /* Everything bpf_skb_adjust_room(+50) makes room for, plus the outer Ethernet. */
@@ -66,6 +75,21 @@ static __always_inline __be16 fl_outer_ip_id(const struct fl_counter *encapsulat
 	__u32 seq = encapsulated ? (__u32)encapsulated->packets : 0;
 
 	return bpf_htons((__u16)(seq + (bpf_get_smp_processor_id() << 13)));
+}
+
+/* The VXLAN flags word (host order) for a packet carrying `mark`. */
+static __always_inline __u32 fl_vxlan_flags(const struct fl_local_config *cfg, __u32 mark)
+{
+	__u32 flags = FL_VXLAN_FLAG_VNI;
+
+	if (!cfg->gbp || !mark) /* the kernel adds the extension only for a nonzero mark */
+		return flags;
+	flags |= FL_VXLAN_FLAG_GBP | (mark & FL_GBP_ID_MASK);
+	if (mark & FL_GBP_DONT_LEARN)
+		flags |= FL_GBP_DONT_LEARN;
+	if (mark & FL_GBP_POLICY_APPLIED)
+		flags |= FL_GBP_POLICY_APPLIED;
+	return flags;
 }
 
 /* INET_ECN_encapsulate(0, inner): copy ECT, but CE becomes ECT(0) outside (RFC 6040). */
@@ -124,7 +148,11 @@ static __always_inline __u32 fl_parse_vxlan(void *data, void *data_end, __u32 pk
 	if (udp_len < FL_VXLAN_MIN_LEN - sizeof(struct ethhdr) - sizeof(struct iphdr) ||
 	    udp_len > (__u32)bpf_ntohs(iph->tot_len) - sizeof(struct iphdr))
 		return FL_STAT_PASS_MALFORMED;
-	/* The kernel drops unknown flags and reserved bits; let it. */
+	/*
+	 * The kernel drops unknown flags and reserved bits; let it. A GBP packet
+	 * (G flag) goes to the kernel too: with Backend.GBP its device turns the
+	 * policy into skb->mark, which XDP cannot set.
+	 */
 	if (vxh->flags != bpf_htonl(FL_VXLAN_FLAG_VNI) || (vxh->vni & bpf_htonl(0xff)))
 		return FL_STAT_PASS_VXLAN_BAD_FLAGS;
 	if (vxh->vni != bpf_htonl(cfg->vni << 8))

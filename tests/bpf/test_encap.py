@@ -146,6 +146,21 @@ def test_outer_ip_id_changes_from_packet_to_packet_of_a_flow(node):
     assert len(set(ids)) == len(ids)
 
 
+@pytest.mark.parametrize("gbp, mark, flags", [
+    (False, 0x480007, 0x08000000),  # without GBP the mark never reaches the wire
+    (True, 0, 0x08000000),          # the kernel adds the extension only for a nonzero mark
+    (True, 0x7, 0x88000007),        # G flag, policy ID from mark bits 0-15
+    (True, 0x480007, 0x88480007),   # and D (mark bit 22), A (mark bit 19)
+    (True, 0xFFFF0000, 0x88480000), # other mark bits stay off the wire
+])
+def test_group_based_policy_flags_come_from_the_mark_as_the_kernel_writes_them(node, gbp, mark, flags):
+    node.maps.set_local_config(P.node_config(gbp=gbp))
+    out = Ether(node.run(PODS, P.from_pod(P.udp()), mark=mark).result.data)
+    vxlan_header = bytes(out[UDP].payload)[:8]
+    assert int.from_bytes(vxlan_header[:4], "big") == flags
+    assert vxlan_header[4:] == (P.VNI << 8).to_bytes(4, "big")
+
+
 def test_source_port_range_and_vxlan_settings_come_from_the_config(node):
     node.maps.set_local_config(P.node_config(src_port_min=50000, src_port_max=50010, vni=0xABCDEF,
                                              vxlan_port=4789, mtu=3000))

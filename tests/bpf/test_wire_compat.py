@@ -48,10 +48,10 @@ def bridge_fdb(netns: str, *args: str) -> None:
     subprocess.run(["bridge", "-n", netns, "fdb", *args], check=True, capture_output=True, timeout=10)
 
 
-def add_flannel_vxlan(netns: str, local_ip: str, vtep_mac: str, subnet_zero: str) -> None:
+def add_flannel_vxlan(netns: str, local_ip: str, vtep_mac: str, subnet_zero: str, gbp: bool = False) -> None:
     """flannel.1 as flanneld's vxlan backend makes it (shared/flannel-compat.md)."""
     ip(netns, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", local_ip, "dev", "uplink",
-       "nolearning", "dstport", "8472")
+       "nolearning", "dstport", "8472", *(["gbp"] if gbp else []))
     ip(netns, "link", "set", "flannel.1", "address", vtep_mac, "mtu", "1450", "up")
     ip(netns, "addr", "add", f"{subnet_zero}/32", "dev", "flannel.1")
 
@@ -64,8 +64,25 @@ def add_vxlan_peer(netns: str, subnet: str, subnet_zero: str, vtep_mac: str, pub
 
 @pytest.fixture(scope="module")
 def wire_lab():
+    yield from make_wire_lab(gbp=False)
+
+
+# What host 1's iptables marks forwarded pod traffic with in the GBP lab: policy 7, D and A set.
+GBP_MARK = 0x480007
+
+
+@pytest.fixture(scope="module")
+def gbp_wire_lab():
+    """The same with Backend.GBP: both devices with gbp, and forwarded packets marked."""
+    for lab in make_wire_lab(gbp=True):
+        subprocess.run(["ip", "netns", "exec", lab["host1"], "iptables", "-t", "mangle", "-A", "FORWARD",
+                        "-j", "MARK", "--set-mark", hex(GBP_MARK)], check=True, capture_output=True, timeout=10)
+        yield lab
+
+
+def make_wire_lab(gbp: bool):
     """pod --veth-- host1 [flannel.1] --veth uplink-- host2 [flannel.1], 198.18.0.0/24 underlay."""
-    tag = f"fbw{os.getpid()}"
+    tag = f"fbw{'g' if gbp else ''}{os.getpid()}"
     pod, host1, host2 = f"{tag}-pod", f"{tag}-h1", f"{tag}-h2"
     made = []
     try:
@@ -87,9 +104,9 @@ def wire_lab():
         write_sysctl("net.ipv4.ip_forward", 1, netns=host1)
         # Static underlay neighbours: no ARP exchange in the captures.
         ip(host1, "neigh", "replace", "198.18.0.2", "lladdr", P.PEER2_UPLINK_MAC, "dev", "uplink", "nud", "permanent")
-        add_flannel_vxlan(host1, "198.18.0.1", P.VTEP_MAC, "10.244.1.0")
+        add_flannel_vxlan(host1, "198.18.0.1", P.VTEP_MAC, "10.244.1.0", gbp)
         add_vxlan_peer(host1, "10.244.2.0/24", "10.244.2.0", P.PEER2.vtep_mac, "198.18.0.2")
-        add_flannel_vxlan(host2, "198.18.0.2", P.PEER2.vtep_mac, "10.244.2.0")
+        add_flannel_vxlan(host2, "198.18.0.2", P.PEER2.vtep_mac, "10.244.2.0", gbp)
         add_vxlan_peer(host2, "10.244.1.0/24", "10.244.1.0", P.VTEP_MAC, "198.18.0.1")
         yield dict(pod=pod, host1=host1, host2=host2)
     finally:
@@ -191,6 +208,17 @@ def test_encap_matches_the_kernel_vxlan_device(wire_lab, node, n, make):
     assert ours[UDP].chksum == 0
     assert kernel[UDP].chksum in udp_checksum_or_offload_seed(kernel)
     # VXLAN header, inner Ethernet and the forwarded inner packet (TTL - 1): byte for byte.
+    assert bytes(ours[VXLAN]) == bytes(kernel[VXLAN])
+
+
+def test_group_based_policy_header_matches_the_kernel_device_with_gbp(gbp_wire_lab, node):
+    """Backend.GBP: the kernel device writes skb->mark into the VXLAN header (G, D, A flags and
+    the policy ID); for the same inner packet and mark, ours must write the same 8 bytes."""
+    inner = P.from_pod(unique(P.udp(sport=4242), 8000))
+    kernel = Ether(kernel_encapsulates(gbp_wire_lab, inner))
+    node.maps.set_local_config(P.node_config(gbp=True))
+    ours = Ether(node.run("tc_encap_from_pods", inner, mark=GBP_MARK).result.data)
+    assert bytes(kernel[UDP].payload)[:4] == bytes.fromhex("88480007")  # the lab marks as meant
     assert bytes(ours[VXLAN]) == bytes(kernel[VXLAN])
 
 

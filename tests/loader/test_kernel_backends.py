@@ -228,3 +228,27 @@ def test_vxlan_direct_routing_on_same_l2_and_fallback_across_router():
         with in_netns(h1.netns):
             backends[1].teardown()
         assert route(h1.netns, "10.244.2.0/24") is None and route(h1.netns, "10.244.3.0/24") is None
+
+
+def test_backend_gbp_sets_the_device_flag_and_a_changed_setting_replaces_the_device():
+    """Backend.GBP as flanneld applies it: the device carries `gbp`; a device made without it
+    (or with it, when the config drops it) does not match and is replaced."""
+    with temporary_lab(prefix="tg", hosts=2) as lab:
+        host = lab.host(1)
+
+        def device(gbp: bool):
+            with in_netns(host.netns):
+                return KernelVxlanBackend(uplink="eth0", public_ip=host.ip, subnet=subnet_of(host),
+                                          gbp=gbp).setup()
+
+        def has_gbp() -> bool:
+            (link,) = ipj(host.netns, "-d", "link", "show", "flannel.1")
+            return bool(link["linkinfo"]["info_data"].get("gbp"))
+
+        plain = device(False)
+        assert not has_gbp()
+        with_gbp = device(True)
+        assert has_gbp() and with_gbp.ifindex != plain.ifindex
+        assert device(True).ifindex == with_gbp.ifindex  # a matching device is kept
+        device(False)
+        assert not has_gbp()
