@@ -401,8 +401,9 @@ class BpfBackend(VxlanBackend):
             if self._pod_ports.get(ifindex) != ifname:
                 try:
                     self._attach("tc_encap_from_pods", ifindex, "ingress", label=ifname)
-                except attach.AttachError as err:  # the pod went away meanwhile
-                    log.info("pod port %s: not attached: %s", ifname, err)
+                except attach.AttachError as err:  # gone meanwhile, or a hook we cannot share
+                    log.warning("pod port %s: encap not attached, its pod takes the kernel path: %s",
+                                ifname, err)
                     continue
                 self._pod_ports[ifindex] = ifname
         for ifindex in [i for i in self._pod_ports if i not in ports]:
