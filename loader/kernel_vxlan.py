@@ -29,10 +29,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from flannel_bpf.loader.peer import MAX_VNI, Peer, normalize_mac
-from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, PeerBatches, PeerFailure, PeerRejected,
-                                       delete_our_routes, delete_route, for_each_peer,
-                                       is_on_link, link_index, prune_our_routes, replace_route,
-                                       require_link)
+from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, OurRoute, PeerBatches, PeerFailure,
+                                       PeerRejected, delete_our_routes, delete_route, for_each_peer,
+                                       is_on_link, link_index, our_route_table, prune_our_routes,
+                                       replace_route, require_link)
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,11 @@ class KernelVxlanBackend(PeerBatches):
         neighbours (with their FDB entries) of every subnet not in `keep`.
 
         Linear in the batch whatever the table holds: links are resolved once, each peer's .0
-        neighbour is asked for by address; only with `keep` is the neighbour table read, with
-        one dump that the prune needs anyway. `done(peer)` follows each peer; once `cancel` is
-        set the batch stops early. Returns the peers that could not be programmed, with reasons."""
+        neighbour is asked for by address; only with `keep` are the tables read, with one dump
+        each (neighbours, FDB, routes) that the prune needs anyway, and then a peer the kernel
+        already holds exactly is not written again (an agent restarting on 10,000 peers finds
+        them all in place). `done(peer)` follows each peer; once `cancel` is set the batch stops
+        early. Returns the peers that could not be programmed, with reasons."""
         apply, remove = list(apply), list(remove)
         if not apply and not remove and keep is None:
             return []
@@ -200,17 +202,20 @@ class KernelVxlanBackend(PeerBatches):
             else:
                 vx, uplink = lookups.link(self.name), lookups.link(self.uplink)
             vteps = None if vx is None else VtepNeighbours(ipr, vx, dump=keep is not None)
+            held = None if keep is None else KernelHolds(ipr, vx, uplink, vteps)
             failures = for_each_peer(remove, lambda p: self._remove(ipr, vx, vteps, p), "remove",
                                      cancel, done)
-            failures += for_each_peer(apply, lambda p: self._apply(ipr, lookups, vx, uplink, vteps, p),
+            failures += for_each_peer(apply, lambda p: self._apply(ipr, lookups, vx, uplink, vteps, p, held),
                                       "program", cancel, done)
             if keep is not None and not (cancel is not None and cancel.is_set()):
-                self._prune(ipr, vx, uplink, vteps, set(keep), cancel)
+                self._prune(ipr, vx, uplink, vteps, set(keep), cancel, held.routes)
             return failures
 
     def _prune(self, ipr: IPRoute, vx: int | None, uplink: int | None, vteps: "VtepNeighbours | None",
-               keep: set[IPv4Network], cancel: threading.Event | None) -> None:
-        routes = prune_our_routes(ipr, [i for i in (vx, uplink) if i is not None], keep, cancel)
+               keep: set[IPv4Network], cancel: threading.Event | None,
+               present_routes: Collection[IPv4Network]) -> None:
+        routes = prune_our_routes(ipr, [i for i in (vx, uplink) if i is not None], keep, cancel,
+                                  present=present_routes)
         kept = {subnet.network_address for subnet in keep}
         stale = [] if vteps is None else [ip for ip, (_, state) in vteps.entries.items()
                                           if state & _PERMANENT and ip not in kept]
@@ -233,10 +238,13 @@ class KernelVxlanBackend(PeerBatches):
                 delete_our_routes(ipr, oif=uplink)
 
     def _apply(self, ipr: IPRoute, lookups: NetlinkLookups, vx: int, uplink: int,
-               vteps: "VtepNeighbours", peer: Peer) -> None:
+               vteps: "VtepNeighbours", peer: Peer, held: "KernelHolds | None" = None) -> None:
         if peer.vni != self.vni:
             raise PeerRejected(f"peer VNI {peer.vni} differs from ours ({self.vni})")
-        if lookups.routes_directly(peer, self.direct_routing):
+        direct = lookups.routes_directly(peer, self.direct_routing)
+        if held is not None and held.exactly(peer, direct):
+            return
+        if direct:
             self._forget_vtep(ipr, vx, vteps, peer.vtep_ip)
             replace_route(ipr, peer.subnet, peer.public_ip, uplink)
             return
@@ -274,6 +282,30 @@ class KernelVxlanBackend(PeerBatches):
                 raise
         vteps.entries.pop(vtep_ip, None)
         return mac
+
+
+class KernelHolds:
+    """What the kernel holds for peers right now, read once for a full sync: our routes, the
+    VTEP neighbours (shared with the batch's VtepNeighbours) and the FDB of flannel.<VNI>."""
+
+    def __init__(self, ipr: IPRoute, vx: int | None, uplink: int | None, vteps: "VtepNeighbours | None"):
+        self.vx, self.uplink, self.vteps = vx, uplink, vteps
+        self.routes = our_route_table(ipr, [i for i in (vx, uplink) if i is not None])
+        self.fdb: dict[str, str] = {}  # VtepMAC -> peer PublicIP, permanent entries only
+        if vx is not None:
+            for entry in ipr.fdb("dump", ifindex=vx):
+                if entry["ifindex"] == vx and entry["state"] & _PERMANENT and entry.get_attr("NDA_DST"):
+                    self.fdb[entry.get_attr("NDA_LLADDR")] = entry.get_attr("NDA_DST")
+
+    def exactly(self, peer: Peer, direct: bool) -> bool:
+        """Whether the kernel already holds what _apply() would write for `peer`, and nothing
+        of an older state of it (a VTEP neighbour left from before DirectRouting, say)."""
+        neighbour = None if self.vteps is None else self.vteps.entries.get(peer.vtep_ip)
+        if direct:
+            return neighbour is None and self.routes.get(peer.subnet) == OurRoute(peer.public_ip, self.uplink, False)
+        return (neighbour == (peer.vtep_mac, _PERMANENT)
+                and self.fdb.get(peer.vtep_mac) == str(peer.public_ip)
+                and self.routes.get(peer.subnet) == OurRoute(peer.vtep_ip, self.vx, True))
 
 
 class VtepNeighbours:

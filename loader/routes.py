@@ -130,16 +130,31 @@ def delete_route(ipr: IPRoute, dst: IPv4Network) -> bool:
         raise
 
 
-def our_routes(ipr: IPRoute, oif: int | Collection[int] | None = None) -> list[IPv4Network]:
-    """Destinations of our routes (by protocol) in the main table, through `oif` (one ifindex
-    or several) or any device: one route dump."""
+@dataclass(frozen=True)
+class OurRoute:
+    """Where one of our routes leads, as replace_route() writes it."""
+    gateway: IPv4Address | None
+    oif: int
+    onlink: bool
+
+
+def our_route_table(ipr: IPRoute, oif: int | Collection[int] | None = None) -> dict[IPv4Network, OurRoute]:
+    """Our routes (by protocol) in the main table, through `oif` (one ifindex or several) or
+    any device, by destination: one route dump."""
     oifs = None if oif is None else {oif} if isinstance(oif, int) else set(oif)
-    result = []
+    table = {}
     for r in ipr.route("dump", table=MAIN_TABLE, family=AF_INET):
         if r["proto"] != ROUTE_PROTO or (oifs is not None and r.get_attr("RTA_OIF") not in oifs):
             continue
-        result.append(IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}"))
-    return result
+        gateway = r.get_attr("RTA_GATEWAY")
+        table[IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}")] = OurRoute(
+            IPv4Address(gateway) if gateway else None, r.get_attr("RTA_OIF"), bool(r["flags"] & _RTNH_F_ONLINK))
+    return table
+
+
+def our_routes(ipr: IPRoute, oif: int | Collection[int] | None = None) -> list[IPv4Network]:
+    """Destinations of our routes (see our_route_table)."""
+    return list(our_route_table(ipr, oif))
 
 
 def delete_our_routes(ipr: IPRoute, oif: int | Collection[int] | None = None) -> int:
@@ -147,12 +162,14 @@ def delete_our_routes(ipr: IPRoute, oif: int | Collection[int] | None = None) ->
 
 
 def prune_our_routes(ipr: IPRoute, oifs: Collection[int], keep: Collection[IPv4Network],
-                     cancel: threading.Event | None = None) -> list[IPv4Network]:
+                     cancel: threading.Event | None = None,
+                     present: Collection[IPv4Network] | None = None) -> list[IPv4Network]:
     """Delete our routes through `oifs` whose destination is not in `keep` (what an earlier
-    agent left for peers that went away); returns the destinations deleted."""
+    agent left for peers that went away); returns the destinations deleted. `present`: our
+    routes as the caller dumped them already (routes added since are all in `keep`)."""
     keep = set(keep)
     deleted = []
-    for dst in our_routes(ipr, oifs):
+    for dst in (our_routes(ipr, oifs) if present is None else present):
         if cancel is not None and cancel.is_set():
             break
         if dst not in keep and delete_route(ipr, dst):

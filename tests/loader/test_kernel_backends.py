@@ -6,6 +6,9 @@ import pytest
 
 from flannel_bpf.lab.run import ping, run_in_netns, tcp_transfer
 from flannel_bpf.lab.topology import temporary_lab
+from pyroute2 import IPRoute
+
+from flannel_bpf.loader import kernel_vxlan
 from flannel_bpf.loader.host_gw import HostGwBackend
 from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, Peer, random_vtep_mac
 from flannel_bpf.loader.netns import in_netns
@@ -252,3 +255,66 @@ def test_backend_gbp_sets_the_device_flag_and_a_changed_setting_replaces_the_dev
         assert device(True).ifindex == with_gbp.ifindex  # a matching device is kept
         device(False)
         assert not has_gbp()
+
+
+class CountingIPRoute:
+    """A real IPRoute, counting the writes (route/neigh/fdb replace, add, del) sent through it."""
+    writes = 0
+
+    def __init__(self, *args, **kwargs):
+        self._ipr = IPRoute(*args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._ipr.close()
+
+    def __getattr__(self, name):
+        method = getattr(self._ipr, name)
+        if name not in ("route", "neigh", "fdb"):
+            return method
+
+        def counted(command, *args, **kwargs):
+            if command in ("replace", "add", "del"):
+                CountingIPRoute.writes += 1
+            return method(command, *args, **kwargs)
+        return counted
+
+
+def writes_during(action) -> int:
+    CountingIPRoute.writes = 0
+    action()
+    return CountingIPRoute.writes
+
+
+def test_a_full_sync_writes_nothing_for_peers_the_kernel_already_holds(monkeypatch):
+    """An agent restarting on N peers finds them in place: the full sync must not rewrite them
+    (3 netlink writes each), but must still fix one that differs and prune one that is gone."""
+    monkeypatch.setattr(kernel_vxlan, "IPRoute", CountingIPRoute)
+    with temporary_lab(prefix="tk", hosts=3) as lab:
+        backends, peers = vxlan_cluster(lab)
+        h1 = lab.host(1)
+        others = [peers[2], peers[3]]
+        keep = [p.subnet for p in others]
+
+        def sync(apply):
+            with in_netns(h1.netns):
+                assert backends[1].update(apply=apply, keep=keep) == []
+
+        def incremental():
+            with in_netns(h1.netns):
+                assert backends[1].update(apply=others) == []
+
+        assert writes_during(incremental) == 3 * len(others)  # an event batch always writes
+        assert writes_during(lambda: sync(others)) == 0
+
+        moved = Peer(peers[3].subnet, peers[3].public_ip, random_vtep_mac(), 1)  # a new VtepMAC
+        assert writes_during(lambda: sync([peers[2], moved])) == 5  # old FDB + neigh out, 3 in
+        fdb = [e for e in ipj(h1.netns, "bridge", "fdb", "show", "dev", "flannel.1") if e.get("dst")]
+        assert sorted(e["mac"] for e in fdb) == sorted([peers[2].vtep_mac, moved.vtep_mac])
+
+        keep.remove(moved.subnet)  # host 3 gone: its route, neighbour and FDB entry are pruned
+        sync([peers[2]])
+        assert route(h1.netns, str(moved.subnet)) is None
+        assert [n["dst"] for n in ipj(h1.netns, "neigh", "show", "dev", "flannel.1")] == ["10.244.2.0"]
