@@ -249,6 +249,7 @@ class BpfBackend(VxlanBackend):
         self.node = None
         self._bridge_ifindex = 0
         self._pod_ports: dict[int, str] = {}  # ifindex -> name of pod veths carrying the encap
+        self._pod_ports_refused: dict[int, str] = {}  # ... and of those whose attach failed
         self.fallback = CoalescingWorker("flannel-bpf-fallback", self._program_fallback)
         self._prune_wanted = False
         self._own_addresses = None  # this node's addresses, re-read on each reconcile tick
@@ -402,12 +403,17 @@ class BpfBackend(VxlanBackend):
                 try:
                     self._attach("tc_encap_from_pods", ifindex, "ingress", label=ifname)
                 except attach.AttachError as err:  # gone meanwhile, or a hook we cannot share
-                    log.warning("pod port %s: encap not attached, its pod takes the kernel path: %s",
-                                ifname, err)
+                    if self._pod_ports_refused.get(ifindex) != ifname:  # retried each tick, said once
+                        log.warning("pod port %s: encap not attached, its pod takes the kernel path: %s",
+                                    ifname, err)
+                    self._pod_ports_refused[ifindex] = ifname
                     continue
+                self._pod_ports_refused.pop(ifindex, None)
                 self._pod_ports[ifindex] = ifname
         for ifindex in [i for i in self._pod_ports if i not in ports]:
             self.attached.pop(f"{self._pod_ports.pop(ifindex)} tc ingress", None)
+        for ifindex in [i for i in self._pod_ports_refused if i not in ports]:
+            del self._pod_ports_refused[ifindex]
 
     def _sync_endpoints(self, ipr: IPRoute, bridge: int) -> None:
         """Local pods for decap delivery: pod IP -> MAC from the bridge's neighbours, MAC ->
