@@ -31,7 +31,7 @@ from flannel_bpf.controller.lease import Lease
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader import attach, host_gw
 from flannel_bpf.loader.coalesce import CoalescingWorker
-from flannel_bpf.loader.headroom import HEADROOM_PORT, ensure_headroom_port, remove_headroom_port
+from flannel_bpf.loader.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
 from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
 from flannel_bpf.loader.layout import PeerMode
 from flannel_bpf.loader.peer import Peer
@@ -373,7 +373,7 @@ class BpfBackend(VxlanBackend):
             self._own_addresses = OwnAddresses(ipr)
             bridge = link_index(ipr, self.bridge) or 0
             if bridge and bridge != self._bridge_ifindex:
-                ensure_headroom_port(ipr, bridge)  # before the MAC is read: a port may change it
+                self._ensure_headroom(ipr, bridge)  # before the MAC is read: a port may change it
             # The bridge's MAC follows its ports' unless set: re-read, it is the pods' gateway.
             mac = ipr.link("get", index=bridge)[0].get_attr("IFLA_ADDRESS") if bridge else NO_MAC
             if (bridge, mac) != (self._bridge_ifindex, self.node.bridge_mac):
@@ -381,6 +381,15 @@ class BpfBackend(VxlanBackend):
             self._sync_pod_ports(pod_ports(ipr, bridge) if bridge else {})
             if bridge:
                 self._sync_endpoints(ipr, bridge)
+
+    def _ensure_headroom(self, ipr: IPRoute, bridge: int) -> None:
+        """The headroom port only saves a reallocation per packet: without it (no vxlan module,
+        a name taken), the data plane works as well, a little slower."""
+        try:
+            ensure_headroom_port(ipr, bridge)
+        except (NetlinkError, HeadroomError) as err:
+            log.warning("%s: not added to %s (%s); encapsulation reallocates small packets",
+                        HEADROOM_PORT, self.bridge, err)
 
     def _bridge_changed(self, bridge: int, mac: str) -> None:
         import dataclasses

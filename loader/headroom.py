@@ -34,10 +34,22 @@ MAX_MTU = 65485  # a vxlan device without a lower device: IP_MAX_MTU - VXLAN_HEA
 LARGEST_UNICAST_MAC = "fe:ff:ff:ff:ff:ff"  # locally administered
 
 
+class HeadroomError(RuntimeError):
+    """The headroom port's name is taken by a device that is not ours."""
+
+
+def _is_ours(link) -> bool:
+    info = link.get_attr("IFLA_LINKINFO")
+    return (info is not None and info.get_attr("IFLA_INFO_KIND") == "vxlan"
+            and info.get_attr("IFLA_INFO_DATA").get_attr("IFLA_VXLAN_ID") == HEADROOM_VNI)
+
+
 def ensure_headroom_port(ipr: IPRoute, bridge_ifindex: int) -> bool:
     """Make the headroom port exist, down, as a port of `bridge_ifindex`. True if anything
-    had to change."""
+    had to change. A device of that name that is not ours is left alone (HeadroomError)."""
     index = link_index(ipr, HEADROOM_PORT)
+    if index is not None and not _is_ours(ipr.link("get", index=index)[0]):
+        raise HeadroomError(f"{HEADROOM_PORT} exists and is not our vxlan headroom port")
     if index is None:
         ipr.link("add", ifname=HEADROOM_PORT, kind="vxlan", vxlan_id=HEADROOM_VNI,
                  vxlan_port=HEADROOM_UDP_PORT, vxlan_learning=0, address=LARGEST_UNICAST_MAC)
@@ -53,9 +65,10 @@ def ensure_headroom_port(ipr: IPRoute, bridge_ifindex: int) -> bool:
 
 
 def remove_headroom_port(ipr: IPRoute) -> bool:
-    """Delete the headroom port; the bridge lowers its ports' headroom again. True if it was there."""
+    """Delete the headroom port; the bridge lowers its ports' headroom again. True if it was
+    there (a device of that name that is not ours stays)."""
     index = link_index(ipr, HEADROOM_PORT)
-    if index is None:
+    if index is None or not _is_ours(ipr.link("get", index=index)[0]):
         return False
     try:
         ipr.link("del", index=index)

@@ -7,7 +7,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from flannel_bpf.lab.topology import temporary_lab
-from flannel_bpf.loader.headroom import HEADROOM_PORT, ensure_headroom_port, remove_headroom_port
+from flannel_bpf.loader.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
 from flannel_bpf.loader.netns import in_netns
 
 pytestmark = pytest.mark.usefixtures("require_root")
@@ -69,3 +69,15 @@ def test_pods_get_room_for_vxlan_and_the_bridge_keeps_its_mtu_and_mac(host):
         assert headrooms()[veth] == 0
     with in_netns(host.host(1).pod(1).netns):
         assert headrooms()["eth0"] == 0
+
+
+def test_a_device_of_someone_else_under_the_name_is_left_alone(host):
+    with in_netns(host.host(1).netns), IPRoute() as ipr:
+        ipr.link("add", ifname=HEADROOM_PORT, kind="veth", peer="hr-theirs")
+        bridge = ipr.link("get", ifname="cni0")[0]["index"]
+        with pytest.raises(HeadroomError, match="not our"):
+            ensure_headroom_port(ipr, bridge)
+        theirs = ipr.link("get", ifname=HEADROOM_PORT)[0]
+        assert theirs.get_attr("IFLA_MASTER") is None
+        assert remove_headroom_port(ipr) is False
+        assert ipr.link("get", ifname=HEADROOM_PORT)  # still there
