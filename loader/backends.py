@@ -35,7 +35,7 @@ from flannel_bpf.loader.headroom import HEADROOM_PORT, HeadroomError, ensure_hea
 from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
 from flannel_bpf.loader.layout import PeerMode
 from flannel_bpf.loader.peer import Peer
-from flannel_bpf.loader.routes import NetlinkLookups, OwnAddresses, PeerRejected, link_index
+from flannel_bpf.loader.routes import NetlinkLookups, OwnAddresses, PeerRejected, find_link, link_index
 
 log = logging.getLogger(__name__)
 
@@ -371,11 +371,12 @@ class BpfBackend(VxlanBackend):
     def reconcile(self) -> None:
         with IPRoute() as ipr:
             self._own_addresses = OwnAddresses(ipr)
-            bridge = link_index(ipr, self.bridge) or 0
-            if bridge and bridge != self._bridge_ifindex:
-                self._ensure_headroom(ipr, bridge)  # before the MAC is read: a port may change it
-            # The bridge's MAC follows its ports' unless set: re-read, it is the pods' gateway.
-            mac = ipr.link("get", index=bridge)[0].get_attr("IFLA_ADDRESS") if bridge else NO_MAC
+            link = find_link(ipr, self.bridge)
+            if link is not None and link["index"] != self._bridge_ifindex:
+                self._ensure_headroom(ipr, link["index"])
+                link = find_link(ipr, self.bridge)  # a new port may change the bridge's MAC
+            # The bridge's MAC follows its ports' unless set: read each tick, it is the pods' gateway.
+            bridge, mac = (0, NO_MAC) if link is None else (link["index"], link.get_attr("IFLA_ADDRESS"))
             if (bridge, mac) != (self._bridge_ifindex, self.node.bridge_mac):
                 self._bridge_changed(bridge, mac)
             self._sync_pod_ports(pod_ports(ipr, bridge) if bridge else {})
@@ -486,6 +487,7 @@ def detach_bpf(uplink: str, vni: int, bridge: str, pin_dir: str) -> None:
     with IPRoute() as ipr:
         present = {name for name in (uplink, vxlan_device_name(vni), bridge) if link_index(ipr, name)}
         ports = pod_ports(ipr, link_index(ipr, bridge)) if bridge in present else {}
+        remove_headroom_port(ipr)
     for ifindex in ports:
         attach.detach_tc(ifindex, "ingress", "tc_encap_from_pods")
     for dev, direction, program in ((uplink, "ingress", "tc_decap"),
@@ -495,8 +497,6 @@ def detach_bpf(uplink: str, vni: int, bridge: str, pin_dir: str) -> None:
             attach.detach_tc(dev, direction, program)
     if uplink in present:
         attach.detach_xdp(uplink)
-    with IPRoute() as ipr:
-        remove_headroom_port(ipr)
     attach.unlink_pins(pin_dir)
 
 

@@ -59,14 +59,20 @@ class PeerFailure:
     reason: str
 
 
-def link_index(ipr: IPRoute, ifname: str) -> int | None:
-    """The ifindex of `ifname` (one RTM_GETLINK by name, no dump), None if there is none."""
+def find_link(ipr: IPRoute, ifname: str):
+    """The link message of `ifname` (one RTM_GETLINK by name, no dump), None if there is none."""
     try:
-        return ipr.link("get", ifname=ifname)[0]["index"]
+        return ipr.link("get", ifname=ifname)[0]
     except NetlinkError as e:
         if e.code in _GONE:
             return None
         raise
+
+
+def link_index(ipr: IPRoute, ifname: str) -> int | None:
+    """The ifindex of `ifname`, None if there is none."""
+    link = find_link(ipr, ifname)
+    return None if link is None else link["index"]
 
 
 def require_link(ipr: IPRoute, ifname: str, role: str) -> int:
