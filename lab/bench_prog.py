@@ -528,10 +528,11 @@ def remove_stale_labs() -> list[str]:
 
 def _open_programs(pin_dir: str) -> dict[str, int]:
     from flannel_bpf.loader.attach import open_pinned
+    from flannel_bpf.loader.program import program_pin
 
     fds = {}
     for name in LIVE_PROGRAMS:
-        path = Path(pin_dir) / f"prog_{name}"
+        path = program_pin(pin_dir, name)
         if path.exists():
             fds[name] = open_pinned(path)
     return fds
