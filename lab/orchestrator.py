@@ -36,7 +36,7 @@ from flannel_bpf.lab.topology import (DEFAULT_LAB, MAX_HOSTS, POD_NETWORK, UNDER
                                       UNDERLAY_BRIDGES, AgentState, DestroyReport,
                                       EtcdMemberState, EtcdState, Host, Lab, LabError, Pod,
                                       destroy, list_labs, read_state, run_dir)
-from flannel_bpf.loader.attach import default_pin_dir, list_tc
+from flannel_bpf.loader.bpf.attach import default_pin_dir, list_tc
 from flannel_bpf.loader.netns import in_netns
 
 log = logging.getLogger(__name__)
@@ -538,7 +538,7 @@ def read_counters(host: Host) -> dict[str, tuple[int, int]]:
     """The bpf data plane's counters of a host ({} for kernel backends or no pinned maps)."""
     if host.agent is None or host.agent.backend != "bpf" or not host.agent.pin_dir:
         return {}
-    from flannel_bpf.loader.maps import DataPlaneMaps
+    from flannel_bpf.loader.bpf.maps import DataPlaneMaps
     try:
         with DataPlaneMaps(host.agent.pin_dir) as maps:
             return maps.read_counters()

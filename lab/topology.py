@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 
 from pyroute2 import IPRoute
 
-from flannel_bpf.loader.attach import PIN_ROOT, unlink_pins
+from flannel_bpf.loader.bpf.attach import PIN_ROOT, unlink_pins
 from flannel_bpf.loader.netns import (create_netns, in_netns, list_netns, netns_exists,
                                       pids_by_netns, remove_netns, write_sysctl)
 

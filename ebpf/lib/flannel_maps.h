@@ -2,7 +2,7 @@
 /*
  * The ONE description of what the flannel-bpf programs and the agent share:
  * every map's key and value layout, the maps themselves, and the counter ids
- * (verdicts and drop reasons). loader/layout.py mirrors this file with ctypes;
+ * (verdicts and drop reasons). loader/bpf/layout.py mirrors this file with ctypes;
  * tests/bpf/test_layout.py compiles a probe against it and fails on any drift.
  *
  * Byte order: fields named *_ip / *_addr hold IPv4 addresses in network order

@@ -12,7 +12,7 @@ from flannel_bpf.controller.flags import FlagError, add_flanneld_flags, etcd_opt
 from flannel_bpf.controller.registry import EtcdError, SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, OutOfSubnets, SubnetAcquireError
 from flannel_bpf.controller.uplink import UplinkError, select_uplink
-from flannel_bpf.loader.program import LoadError
+from flannel_bpf.loader.bpf.program import LoadError
 
 log = logging.getLogger("flannel-bpf")
 

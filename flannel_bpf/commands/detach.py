@@ -8,10 +8,10 @@ import os
 from pyroute2 import IPRoute
 
 from flannel_bpf.cli import UsageError
-from flannel_bpf.loader import attach
-from flannel_bpf.loader.backends import DEFAULT_BRIDGE, detach_bpf
-from flannel_bpf.loader.kernel_vxlan import vxlan_device_name
-from flannel_bpf.loader.routes import delete_our_routes, link_index
+from flannel_bpf.loader.bpf import attach
+from flannel_bpf.controller.backends import DEFAULT_BRIDGE, detach_bpf
+from flannel_bpf.loader.netlink.kernel_vxlan import vxlan_device_name
+from flannel_bpf.loader.netlink.routes import delete_our_routes, link_index
 
 log = logging.getLogger("flannel-bpf")
 
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 
 def pinned_vni(pin_dir: str) -> int | None:
-    from flannel_bpf.loader.maps import DataPlaneMaps
+    from flannel_bpf.loader.bpf.maps import DataPlaneMaps
     try:
         with DataPlaneMaps(pin_dir) as maps:
             config = maps.get_local_config()

@@ -75,7 +75,7 @@ def add_parser(sub) -> None:
     ping.set_defaults(handler=run_ping)
 
     bench = lab_sub.add_parser("bench", help="benchmarks: every backend side by side, program cost, control plane",
-                               description=__import__("flannel_bpf.lab.bench", fromlist=["x"]).__doc__,
+                               description=__import__("flannel_bpf.bench.run", fromlist=["x"]).__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--only", type=_name_list, default=("net", "prog", "control"), metavar="PART,...",
                        help="parts to run: net, prog, control (default all; about 20 minutes)")
@@ -250,7 +250,7 @@ def _ping_and_print(console: Console, lab: Lab, count: int) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flannel_bpf.lab import bench
+    from flannel_bpf.bench import run as bench
     unknown = [p for p in args.only if p not in bench.PARTS]
     if unknown:
         raise UsageError(f"--only: unknown part(s) {', '.join(unknown)}; use {', '.join(bench.PARTS)}")

@@ -13,10 +13,10 @@ from rich.table import Table
 
 from flannel_bpf.cli import UsageError
 from flannel_bpf.controller.subnet_env import read_subnet_env
-from flannel_bpf.loader import attach
-from flannel_bpf.loader.backends import DEFAULT_BRIDGE, choose_decap_hook, link_kind, pod_ports
-from flannel_bpf.loader.kernel_vxlan import vxlan_device_name
-from flannel_bpf.loader.routes import link_index
+from flannel_bpf.loader.bpf import attach
+from flannel_bpf.controller.backends import DEFAULT_BRIDGE, choose_decap_hook, link_kind, pod_ports
+from flannel_bpf.loader.netlink.kernel_vxlan import vxlan_device_name
+from flannel_bpf.loader.netlink.routes import link_index
 
 MAX_WATCH_SECONDS = 24 * 3600
 
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
 
 
 def _open_maps(args):
-    from flannel_bpf.loader.maps import DataPlaneMaps
+    from flannel_bpf.loader.bpf.maps import DataPlaneMaps
     pin_dir = str(args.pin_dir or attach.default_pin_dir(args.iface))
     try:
         return DataPlaneMaps(pin_dir)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from flannel_bpf.lab.bench_common import BENCH_PIN_ROOT, RUN_PREFIX
+from flannel_bpf.bench.common import BENCH_PIN_ROOT, RUN_PREFIX
 from flannel_bpf.loader.netns import list_netns
 
 pytestmark = pytest.mark.usefixtures("require_root")

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from flannel_bpf.lab import bench, bench_net
+from flannel_bpf.bench import run as bench
+
+from flannel_bpf.bench import net as bench_net
 
 
 def samples(bpf_udp: float) -> dict:

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from conftest import by_name, check_shape
-from flannel_bpf.lab import bench_common, bench_control, bench_prog
+from flannel_bpf.bench import common as bench_common
+from flannel_bpf.bench import control as bench_control
+from flannel_bpf.bench import prog as bench_prog
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -50,15 +52,15 @@ def test_profile_summary_leaves_out_waiting_threads(tmp_path):
     raw = tmp_path / "p.txt"
     raw.write_text(
         "main (flannel_bpf/cli.py:53);Agent.start (controller/agent.py:102);"
-        "KernelVxlanBackend._forget_vtep (loader/kernel_vxlan.py:230);decode_nlas (pyroute2/netlink/__init__.py:1612) 30\n"
+        "KernelVxlanBackend._forget_vtep (loader/netlink/kernel_vxlan.py:230);decode_nlas (pyroute2/netlink/__init__.py:1612) 30\n"
         "main (flannel_bpf/cli.py:53);Agent.start (controller/agent.py:102);"
-        "DataPlaneMaps.upsert_peers (loader/maps.py:200) 10\n"
+        "DataPlaneMaps.upsert_peers (loader/bpf/maps.py:200) 10\n"
         "Thread.run (threading.py:975);Condition.wait (threading.py:324) 500\n")
     summary = bench_control.summarize_profile(raw)
     assert summary["busy_samples"] == 40
     shares = {p["function"]: p["share"] for p in summary["project_innermost"]}
-    assert shares == {"KernelVxlanBackend._forget_vtep (loader/kernel_vxlan.py)": 0.75,
-                      "DataPlaneMaps.upsert_peers (loader/maps.py)": 0.25}
+    assert shares == {"KernelVxlanBackend._forget_vtep (loader/netlink/kernel_vxlan.py)": 0.75,
+                      "DataPlaneMaps.upsert_peers (loader/bpf/maps.py)": 0.25}
     assert summary["leaf"][0] == {"function": "decode_nlas (pyroute2/netlink/__init__.py)", "share": 0.75}
 
 

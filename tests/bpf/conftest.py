@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import pytest
 
 import fl_packets as P
-from flannel_bpf.loader.attach import unlink_pins
-from flannel_bpf.loader.layout import Stat
-from flannel_bpf.loader.maps import DataPlaneMaps
-from flannel_bpf.loader.program import LoadedPrograms, load_programs
-from flannel_bpf.loader.testrun import SkBuff, TestRunResult, XdpMd, prog_test_run
+from flannel_bpf.loader.bpf.attach import unlink_pins
+from flannel_bpf.loader.bpf.layout import Stat
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps
+from flannel_bpf.loader.bpf.program import LoadedPrograms, load_programs
+from flannel_bpf.bench.testrun import SkBuff, TestRunResult, XdpMd, prog_test_run
 
 pytestmark = pytest.mark.usefixtures("require_root")
 

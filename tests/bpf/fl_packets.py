@@ -12,8 +12,8 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
 
-from flannel_bpf.loader.layout import PeerMode
-from flannel_bpf.loader.maps import EndpointEntry, NodeConfig, PeerEntry
+from flannel_bpf.loader.bpf.layout import PeerMode
+from flannel_bpf.loader.bpf.maps import EndpointEntry, NodeConfig, PeerEntry
 
 LO_IFINDEX = 1  # test-run skbs live on lo; redirect targets are never used
 

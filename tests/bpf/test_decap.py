@@ -9,9 +9,9 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.layers.vxlan import VXLAN
 
 import fl_packets as P
-from flannel_bpf.loader.layout import (STAT_ACTION, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP,
+from flannel_bpf.loader.bpf.layout import (STAT_ACTION, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP,
                                        XDP_PASS, Action, Stat)
-from flannel_bpf.loader.maps import EndpointEntry, PeerEntry
+from flannel_bpf.loader.bpf.maps import EndpointEntry, PeerEntry
 
 pytestmark = pytest.mark.usefixtures("require_root")
 

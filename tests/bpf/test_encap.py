@@ -8,7 +8,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 
 import fl_packets as P
-from flannel_bpf.loader.layout import STAT_ACTION, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Action, Stat
+from flannel_bpf.loader.bpf.layout import STAT_ACTION, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, Action, Stat
 
 pytestmark = pytest.mark.usefixtures("require_root")
 

@@ -10,8 +10,8 @@ from scapy.layers.inet import IP
 from scapy.layers.l2 import Ether
 
 import fl_packets as P
-from flannel_bpf.loader.layout import (TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS)
-from flannel_bpf.loader.testrun import SkBuff, prog_test_run
+from flannel_bpf.loader.bpf.layout import (TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS)
+from flannel_bpf.bench.testrun import SkBuff, prog_test_run
 
 pytestmark = pytest.mark.usefixtures("require_root")
 

@@ -1,4 +1,4 @@
-"""loader/layout.py against ebpf/lib/flannel_maps.h, two independent ways:
+"""loader/bpf/layout.py against ebpf/lib/flannel_maps.h, two independent ways:
 a probe compiled against the header reports sizeof/offsetof/enum values
 from inside the kernel, and bcc's own ctypes classes for the loaded maps
 (derived from the C declarations) are compared field by field."""
@@ -10,9 +10,9 @@ import ipaddress
 import pytest
 
 import fl_packets as P
-from flannel_bpf.loader import layout
-from flannel_bpf.loader.program import ebpf_dir, expand_source
-from flannel_bpf.loader.testrun import prog_test_run
+from flannel_bpf.loader.bpf import layout
+from flannel_bpf.loader.bpf.program import ebpf_dir, expand_source
+from flannel_bpf.bench.testrun import prog_test_run
 
 pytestmark = pytest.mark.usefixtures("require_root")
 

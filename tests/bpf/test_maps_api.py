@@ -7,8 +7,8 @@ import time
 import pytest
 
 import fl_packets as P
-from flannel_bpf.loader.layout import PeerMode, Stat
-from flannel_bpf.loader.maps import DataPlaneMaps, EndpointEntry, NodeConfig, PeerEntry
+from flannel_bpf.loader.bpf.layout import PeerMode, Stat
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps, EndpointEntry, NodeConfig, PeerEntry
 
 pytestmark = pytest.mark.usefixtures("require_root")
 

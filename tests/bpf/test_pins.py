@@ -13,11 +13,11 @@ from scapy.layers.inet import IP
 from scapy.layers.l2 import Ether
 
 import fl_packets as P
-from flannel_bpf.loader.bpfsys import LayoutMismatch
-from flannel_bpf.loader.layout import Stat
-from flannel_bpf.loader.maps import DataPlaneMaps
-from flannel_bpf.loader.program import check_pin_dir, load_programs
-from flannel_bpf.loader.testrun import SkBuff, prog_test_run
+from flannel_bpf.loader.bpf.bpfsys import LayoutMismatch
+from flannel_bpf.loader.bpf.layout import Stat
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps
+from flannel_bpf.loader.bpf.program import check_pin_dir, load_programs
+from flannel_bpf.bench.testrun import SkBuff, prog_test_run
 
 pytestmark = pytest.mark.usefixtures("require_root")
 
@@ -50,7 +50,7 @@ def test_state_survives_reloading_the_programs(pin_root):
 def test_another_process_reads_the_maps_without_compiling(node):
     script = textwrap.dedent(f"""
         import json, sys
-        from flannel_bpf.loader.maps import DataPlaneMaps
+        from flannel_bpf.loader.bpf.maps import DataPlaneMaps
         with DataPlaneMaps({node.maps.pin_dir!r}) as m:
             print(json.dumps({{"peers": [str(p.subnet) for p in m.list_peers()],
                                "vni": m.get_local_config().vni,

@@ -9,12 +9,12 @@ from pyroute2 import IPRoute
 
 from flannel_bpf.lab.run import ping, run_in_netns, tcp_transfer
 from flannel_bpf.lab.topology import temporary_lab
-from flannel_bpf.loader.attach import attach_tc, attach_xdp, detach_tc
-from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend
+from flannel_bpf.loader.bpf.attach import attach_tc, attach_xdp, detach_tc
+from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend
 from flannel_bpf.loader.netns import in_netns
-from flannel_bpf.loader.maps import EndpointEntry, NodeConfig, PeerEntry
+from flannel_bpf.loader.bpf.maps import EndpointEntry, NodeConfig, PeerEntry
 from flannel_bpf.loader.peer import Peer
-from flannel_bpf.loader.program import load_programs
+from flannel_bpf.loader.bpf.program import load_programs
 
 pytestmark = pytest.mark.usefixtures("require_root")
 

@@ -26,8 +26,8 @@ from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
 import fl_packets as P
-from flannel_bpf.loader.layout import Stat
-from flannel_bpf.loader.maps import EndpointEntry, PeerEntry
+from flannel_bpf.loader.bpf.layout import Stat
+from flannel_bpf.loader.bpf.maps import EndpointEntry, PeerEntry
 from flannel_bpf.loader.netns import create_netns, in_netns, remove_netns, write_sysctl
 
 pytestmark = pytest.mark.usefixtures("require_root")

@@ -16,7 +16,7 @@ from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.nshttp import http_get
 from flannel_bpf.lab.run import run_in_netns
 from flannel_bpf.lab.topology import Lab, list_labs
-from flannel_bpf.loader.program import PROGRAMS
+from flannel_bpf.loader.bpf.program import PROGRAMS
 
 from e2e_lab import (assert_lab_gone, cli, fake_lease, lab_name, root_snapshot, route_subnets,
                      wait_programmed, wait_until)

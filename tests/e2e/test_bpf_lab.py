@@ -19,7 +19,7 @@ from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.nshttp import http_get
 from flannel_bpf.lab.run import ping, run_in_netns, tcp_transfer
 from flannel_bpf.lab.topology import Host, Lab, run_dir
-from flannel_bpf.loader.maps import DataPlaneMaps
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps
 
 from e2e_lab import (ContinuousPing, assert_lab_gone, cli, counters, fake_lease, forgotten, lab_name,
                      map_subnets, programmed, root_snapshot, steady_ping, wait_forgotten, wait_programmed,

@@ -11,7 +11,7 @@ import pytest
 
 from flannel_bpf.lab.run import nsenter_argv, run_in_netns
 from flannel_bpf.lab.topology import temporary_lab
-from flannel_bpf.loader.attach import (PIN_ROOT, AttachError, XdpAttachment, attach_tc,
+from flannel_bpf.loader.bpf.attach import (PIN_ROOT, AttachError, XdpAttachment, attach_tc,
                                        attach_xdp, default_pin_dir, detach_tc, detach_xdp,
                                        list_tc, open_pinned, pin_program, program_id,
                                        unlink_pins, xdp_attachments)
@@ -143,7 +143,7 @@ def test_pins_live_per_namespace(host, progs):
 CHILD = textwrap.dedent("""
     import json
     from bcc import BPF
-    from flannel_bpf.loader.attach import attach_tc, default_pin_dir, list_tc, pin_program
+    from flannel_bpf.loader.bpf.attach import attach_tc, default_pin_dir, list_tc, pin_program
     fd = BPF(text=b"int p(struct __sk_buff *s) { return 0; }").load_func(b"p", BPF.SCHED_CLS).fd
     f = attach_tc("eth0", "egress", fd, "fbpf_child", priority=2)
     pin = pin_program(fd, default_pin_dir("eth0") / "tc_egress")

@@ -7,7 +7,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from flannel_bpf.lab.topology import temporary_lab
-from flannel_bpf.loader.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
+from flannel_bpf.loader.netlink.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
 from flannel_bpf.loader.netns import in_netns
 
 pytestmark = pytest.mark.usefixtures("require_root")

@@ -8,11 +8,11 @@ from flannel_bpf.lab.run import ping, run_in_netns, tcp_transfer
 from flannel_bpf.lab.topology import temporary_lab
 from pyroute2 import IPRoute
 
-from flannel_bpf.loader import kernel_vxlan
-from flannel_bpf.loader.host_gw import HostGwBackend
-from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, Peer, random_vtep_mac
+from flannel_bpf.loader.netlink import kernel_vxlan
+from flannel_bpf.loader.netlink.host_gw import HostGwBackend
+from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend, Peer, random_vtep_mac
 from flannel_bpf.loader.netns import in_netns
-from flannel_bpf.loader.routes import BackendError
+from flannel_bpf.loader.netlink.routes import BackendError
 
 pytestmark = pytest.mark.usefixtures("require_root")
 

@@ -11,11 +11,11 @@ import uuid
 
 import pytest
 
-from flannel_bpf.loader import bpfsys
-from flannel_bpf.loader.attach import open_pinned, unlink_pins
-from flannel_bpf.loader.layout import MAPS
-from flannel_bpf.loader.maps import NodeConfig
-from flannel_bpf.loader.program import (KERNEL_PROG_TYPES, PROGRAMS, LoadError, diagnostic_summary,
+from flannel_bpf.loader.bpf import bpfsys
+from flannel_bpf.loader.bpf.attach import open_pinned, unlink_pins
+from flannel_bpf.loader.bpf.layout import MAPS
+from flannel_bpf.loader.bpf.maps import NodeConfig
+from flannel_bpf.loader.bpf.program import (KERNEL_PROG_TYPES, PROGRAMS, LoadError, diagnostic_summary,
                                         load_programs_in_child, program_pin)
 
 pytestmark = pytest.mark.usefixtures("require_root")
@@ -44,9 +44,9 @@ def prog_id_at(path) -> int:
 # Runs in a fresh interpreter: pytest itself has bcc loaded by other tests.
 CALLER = textwrap.dedent("""
     import json, sys
-    from flannel_bpf.loader import bpfsys
-    from flannel_bpf.loader.program import load_programs_in_child
-    from flannel_bpf.loader.testrun import prog_test_run
+    from flannel_bpf.loader.bpf import bpfsys
+    from flannel_bpf.loader.bpf.program import load_programs_in_child
+    from flannel_bpf.bench.testrun import prog_test_run
 
     with load_programs_in_child(sys.argv[1]) as loaded:
         def packets():

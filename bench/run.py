@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flannel_bpf.lab.bench_common import RESULTS_DIR, print_table, remove_stale, write_json
+from flannel_bpf.bench.common import RESULTS_DIR, print_table, remove_stale, write_json
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,12 @@ def run(parts: tuple[str, ...] = PARTS, *, rounds: int = 3, seconds: float = 5.0
     for what in remove_stale():
         log.info("removed %s left by an earlier run", what)
     if "net" in parts:
-        from flannel_bpf.lab import bench_net
+        from flannel_bpf.bench import net as bench_net
         net, _ = bench_net.run(rounds=1 if quick else rounds, seconds=1.0 if quick else seconds,
                                progress=progress)
         results += net
     if "prog" in parts:
-        from flannel_bpf.lab import bench_prog
+        from flannel_bpf.bench import prog as bench_prog
         if quick:
             results += bench_prog.measure_testrun(repeat=1000, rounds=1, single_shots=50, extra_peers=10,
                                                   profile=False)
@@ -41,7 +41,7 @@ def run(parts: tuple[str, ...] = PARTS, *, rounds: int = 3, seconds: float = 5.0
             results += bench_prog.measure_testrun()
             results += bench_prog.measure_live(duration=seconds)
     if "control" in parts:
-        from flannel_bpf.lab import bench_control
+        from flannel_bpf.bench import control as bench_control
         if quick:
             results += bench_control.measure_control(sizes=(50,), puts=10, netlink_budget=30, agent_budget=60,
                                                      profile=False)

@@ -29,7 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from flannel_bpf.loader.peer import MAX_VNI, Peer, normalize_mac
-from flannel_bpf.loader.routes import (BackendError, NetlinkLookups, OurRoute, PeerBatches, PeerFailure,
+from flannel_bpf.loader.netlink.routes import (BackendError, NetlinkLookups, OurRoute, PeerBatches, PeerFailure,
                                        PeerRejected, delete_our_routes, delete_route, for_each_peer,
                                        is_on_link, link_index, our_route_table, prune_our_routes,
                                        replace_route, require_link)

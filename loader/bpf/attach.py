@@ -18,7 +18,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE
 
-from flannel_bpf.loader import bpfsys
+from flannel_bpf.loader.bpf import bpfsys
 from flannel_bpf.loader.netns import current_netns_name
 
 log = logging.getLogger(__name__)

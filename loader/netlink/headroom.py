@@ -22,7 +22,7 @@ import logging
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_bpf.loader.routes import link_index
+from flannel_bpf.loader.netlink.routes import link_index
 
 log = logging.getLogger(__name__)
 

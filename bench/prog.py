@@ -41,11 +41,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flannel_bpf.lab.bench_common import (bench_pin_dir, median, metric, percentile, perf_available,
+from flannel_bpf.bench.common import (bench_pin_dir, median, metric, percentile, perf_available,
                                           perf_record, run_cli, summarize_perf, wait_until)
-from flannel_bpf.loader.layout import (STAT_ACTION, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP,
+from flannel_bpf.loader.bpf.layout import (STAT_ACTION, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP,
                                        XDP_PASS, Action, PeerMode, Stat)
-from flannel_bpf.loader.maps import DataPlaneMaps, EndpointEntry, NodeConfig, PeerEntry
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps, EndpointEntry, NodeConfig, PeerEntry
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def _substitute_once(pattern: str, replacement: str, text: str, what: str) -> st
 
 def timing_variant_source(source: str, programs: list[str]) -> str:
     """The source file `source` (under ebpf/) with `programs` wrapped as the module note says."""
-    from flannel_bpf.loader.program import PROGRAMS, ebpf_dir, expand_source
+    from flannel_bpf.loader.bpf.program import PROGRAMS, ebpf_dir, expand_source
 
     text = expand_source(ebpf_dir() / source)
     if source == "tc_route.c":
@@ -294,7 +294,7 @@ def load_bench_programs(pin_dir: str) -> BenchPrograms:
     """Compile and load everything the test-run benchmark times, sharing maps in `pin_dir`."""
     from bcc import BPF
 
-    from flannel_bpf.loader.program import PROGRAMS, LoadError, check_pin_dir, load_programs
+    from flannel_bpf.loader.bpf.program import PROGRAMS, LoadError, check_pin_dir, load_programs
 
     pin_dir = check_pin_dir(pin_dir)
     types = {"sched_cls": BPF.SCHED_CLS, "xdp": BPF.XDP}
@@ -325,7 +325,7 @@ def load_bench_programs(pin_dir: str) -> BenchPrograms:
 # ---------------------------------------------------------------------------- test-run
 
 def _ctx(program: str):
-    from flannel_bpf.loader.testrun import SkBuff
+    from flannel_bpf.bench.testrun import SkBuff
     return None if program.startswith("xdp") else SkBuff(ifindex=LO_IFINDEX)
 
 
@@ -339,7 +339,7 @@ def _steady(fd: int, case: ProgCase, maps: DataPlaneMaps, repeat: int, rounds: i
             restored: bool) -> tuple[list[int], str | None]:
     """Per-round average ns/packet of `rounds` syscalls of `repeat` runs; and a problem, if
     the runs were not all the expected verdict on the expected packet."""
-    from flannel_bpf.loader.testrun import prog_test_run
+    from flannel_bpf.bench.testrun import prog_test_run
 
     durations, problem = [], None
     for _ in range(rounds):
@@ -360,7 +360,7 @@ def _steady(fd: int, case: ProgCase, maps: DataPlaneMaps, repeat: int, rounds: i
 
 
 def _single_shots(fd: int, packet: bytes, program: str, count: int) -> list[int]:
-    from flannel_bpf.loader.testrun import prog_test_run
+    from flannel_bpf.bench.testrun import prog_test_run
 
     return [prog_test_run(fd, packet, ctx=_ctx(program), repeat=1).duration_ns for _ in range(count)]
 
@@ -423,7 +423,7 @@ def _profile_path(profile_dir, tag: str) -> Path:
 def _profile_case(fd: int, case: ProgCase, path: Path, seconds: float = 2.0) -> tuple[dict, str]:
     """perf samples of the timing variant running `case` for `seconds`: the share of each
     leaf function under bpf_test_run (harness, program, helpers)."""
-    from flannel_bpf.loader.testrun import prog_test_run
+    from flannel_bpf.bench.testrun import prog_test_run
 
     with perf_record(path, seconds, delay=0.2):
         end = time.monotonic() + seconds + 0.5
@@ -433,7 +433,7 @@ def _profile_case(fd: int, case: ProgCase, path: Path, seconds: float = 2.0) -> 
 
 
 def _empty_baselines(programs: BenchPrograms, single_shots: int, repeat: int, rounds: int) -> list[dict]:
-    from flannel_bpf.loader.testrun import prog_test_run
+    from flannel_bpf.bench.testrun import prog_test_run
 
     out = []
     packets = {"tc": from_pod("10.244.9.9"), "xdp": udp_to_host()}
@@ -478,7 +478,7 @@ BPF_STATS_RUN_TIME = 0
 def bpf_run_time_stats():
     """Program run-time statistics on while the block runs (what kernel.bpf_stats_enabled=1
     does), off again when the fd closes: also if this process dies."""
-    from flannel_bpf.loader import bpfsys
+    from flannel_bpf.loader.bpf import bpfsys
 
     libbpf = bpfsys.libbpf()
     libbpf.bpf_enable_stats.argtypes = [ctypes.c_int]
@@ -514,7 +514,7 @@ def live_lab_name(hook: str) -> str:
 
 def remove_stale_labs() -> list[str]:
     """Live-benchmark labs left by runs whose process is gone."""
-    from flannel_bpf.lab.bench_common import pid_alive
+    from flannel_bpf.bench.common import pid_alive
     from flannel_bpf.lab.topology import destroy, list_labs
 
     removed = []
@@ -527,8 +527,8 @@ def remove_stale_labs() -> list[str]:
 
 
 def _open_programs(pin_dir: str) -> dict[str, int]:
-    from flannel_bpf.loader.attach import open_pinned
-    from flannel_bpf.loader.program import program_pin
+    from flannel_bpf.loader.bpf.attach import open_pinned
+    from flannel_bpf.loader.bpf.program import program_pin
 
     fds = {}
     for name in LIVE_PROGRAMS:

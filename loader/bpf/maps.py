@@ -13,8 +13,10 @@ from collections import Counter as Multiset
 from dataclasses import dataclass
 from typing import Iterable
 
-from flannel_bpf.loader import bpfsys, layout
-from flannel_bpf.loader.layout import PeerMode
+from flannel_bpf.loader.bpf import bpfsys
+
+from flannel_bpf.loader.bpf import layout
+from flannel_bpf.loader.bpf.layout import PeerMode
 
 
 @dataclass(frozen=True)

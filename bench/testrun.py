@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from flannel_bpf.loader import bpfsys
+from flannel_bpf.loader.bpf import bpfsys
 
 # Room for what a program may add (encap adds 50 bytes) on top of the input.
 _GROWTH = 256

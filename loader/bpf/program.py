@@ -8,7 +8,7 @@ attaches them; its default_pin_dir() names the directory).
 
 bcc brings libbcc, clang and LLVM into the process (~150 MiB that stays mapped), so the
 agent never imports it: `load_programs_in_child` runs this module as a short-lived child
-(`python -m flannel_bpf.loader.program compile --pin-dir DIR`) that compiles, loads and pins
+(`python -m flannel_bpf.loader.bpf.program compile --pin-dir DIR`) that compiles, loads and pins
 every program at `<pin_dir>/prog_<name>`, and then opens the pins. `load_programs` does the
 same work in-process (tests, benchmarks).
 """
@@ -27,8 +27,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from flannel_bpf.loader import attach, bpfsys, layout
-from flannel_bpf.loader.maps import DataPlaneMaps
+from flannel_bpf.loader.bpf import attach
+
+from flannel_bpf.loader.bpf import bpfsys
+
+from flannel_bpf.loader.bpf import layout
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +235,7 @@ def load_programs_in_child(pin_dir, *, max_peers: int | None = None, max_endpoin
     interpreter, this network namespace) compiles, loads and pins the programs within
     `timeout` seconds, then their pins and the maps are opened here. LoadError carries
     the child's one-line error."""
-    argv = [sys.executable, "-m", "flannel_bpf.loader.program", "compile", "--pin-dir", str(pin_dir)]
+    argv = [sys.executable, "-m", "flannel_bpf.loader.bpf.program", "compile", "--pin-dir", str(pin_dir)]
     for flag, value in (("--max-peers", max_peers), ("--max-endpoints", max_endpoints)):
         if value is not None:
             argv += [flag, str(value)]
@@ -300,7 +304,7 @@ def compile_and_pin(pin_dir: str, **options) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flannel_bpf.loader.program",
+    parser = argparse.ArgumentParser(prog="python -m flannel_bpf.loader.bpf.program",
                                      description="Compile, load and pin the data-plane programs.")
     sub = parser.add_subparsers(dest="command", required=True)
     compile_parser = sub.add_parser("compile", help="load the programs and pin them at PIN_DIR/prog_<name>")

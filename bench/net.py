@@ -21,7 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from flannel_bpf.lab.bench_common import median, metric
+from flannel_bpf.bench.common import median, metric
 from flannel_bpf.lab.orchestrator import LabSpec, down, up
 from flannel_bpf.lab.run import popen_in_netns, run_in_netns
 from flannel_bpf.lab.topology import Lab

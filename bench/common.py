@@ -167,7 +167,7 @@ def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "c
 @contextlib.contextmanager
 def bench_pin_dir(tag: str) -> Iterator[str]:
     """A bpffs directory for this run's maps and programs, removed afterwards."""
-    from flannel_bpf.loader.attach import unlink_pins
+    from flannel_bpf.loader.bpf.attach import unlink_pins
 
     path = BENCH_PIN_ROOT / tag
     try:
@@ -238,7 +238,7 @@ def pid_alive(pid: int) -> bool:
 def remove_stale(exclude_pid: int | None = None) -> list[str]:
     """Namespaces and pin directories left by benchmark runs whose process is gone (killed
     runs cannot clean up after themselves). Returns what was removed."""
-    from flannel_bpf.loader.attach import unlink_pins
+    from flannel_bpf.loader.bpf.attach import unlink_pins
     from flannel_bpf.loader.netns import list_netns
 
     own = os.getpid() if exclude_pid is None else exclude_pid

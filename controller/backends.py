@@ -29,13 +29,14 @@ from pyroute2.netlink.exceptions import NetlinkError
 from flannel_bpf.controller.config import BackendConfig
 from flannel_bpf.controller.lease import Lease
 from flannel_bpf.controller.uplink import Uplink
-from flannel_bpf.loader import attach, host_gw
-from flannel_bpf.loader.coalesce import CoalescingWorker
-from flannel_bpf.loader.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
-from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
-from flannel_bpf.loader.layout import PeerMode
+from flannel_bpf.loader.bpf import attach
+from flannel_bpf.loader.netlink import host_gw
+from flannel_bpf.controller.coalesce import CoalescingWorker
+from flannel_bpf.loader.netlink.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
+from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
+from flannel_bpf.loader.bpf.layout import PeerMode
 from flannel_bpf.loader.peer import Peer
-from flannel_bpf.loader.routes import NetlinkLookups, OwnAddresses, PeerRejected, find_link, link_index
+from flannel_bpf.loader.netlink.routes import NetlinkLookups, OwnAddresses, PeerRejected, find_link, link_index
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ class BpfBackend(VxlanBackend):
         """Program this node for `lease`. Called again when our subnet changes: the programs
         are compiled once per agent, only the node's config is rewritten."""
         super().start(lease)  # flannel.<VNI>: the routed device and safety net
-        from flannel_bpf.loader.maps import NodeConfig
+        from flannel_bpf.loader.bpf.maps import NodeConfig
         self.prepare()
         with IPRoute() as ipr:
             uplink = ipr.link("get", index=self.uplink.ifindex)[0]
@@ -289,7 +290,7 @@ class BpfBackend(VxlanBackend):
     def prepare(self) -> None:
         """Compile, load and pin the programs (seconds on a busy machine), once per agent, in a
         child process: bcc's clang and LLVM would stay in this one (~150 MiB)."""
-        from flannel_bpf.loader.program import load_programs_in_child
+        from flannel_bpf.loader.bpf.program import load_programs_in_child
         if self.programs is None:
             # Reuses the pinned maps: state survives restarts.
             self.programs = load_programs_in_child(self.pin_dir)
@@ -321,7 +322,7 @@ class BpfBackend(VxlanBackend):
 
     def _map_entries(self, wanted: Mapping[IPv4Network, Peer | None]) -> dict:
         """subnet -> PeerEntry, or None for no peer or one the data plane cannot use (logged)."""
-        from flannel_bpf.loader.maps import PeerEntry
+        from flannel_bpf.loader.bpf.maps import PeerEntry
         entries = dict.fromkeys(wanted)
         peers = [peer for peer in wanted.values() if peer is not None]
         if not peers:
@@ -429,7 +430,7 @@ class BpfBackend(VxlanBackend):
         """Local pods for decap delivery: pod IP -> MAC from the bridge's neighbours, MAC ->
         host-side veth from its FDB. A pod the host has not yet talked to is missing here and
         reached through the kernel path, whose ARP then makes it known."""
-        from flannel_bpf.loader.maps import EndpointEntry
+        from flannel_bpf.loader.bpf.maps import EndpointEntry
         ports = {}
         for entry in ipr.get_neighbours(family=socket.AF_BRIDGE):
             if entry.get_attr("NDA_MASTER") == bridge and not entry["state"] & _NUD_PERMANENT:

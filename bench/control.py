@@ -13,7 +13,7 @@ Measured, for each size N (default 1,000 and 10,000 flanneld-format vxlan leases
   (DataPlaneMaps.upsert_peers), the leases -> map entries conversion included;
 - netlink, flanneld's way: per peer neighbour + FDB + route (replace), the three calls of
   flannel's vxlan backend, into a fresh flannel.1;
-- netlink, loader/kernel_vxlan.py KernelVxlanBackend.apply_peers (what the agent calls);
+- netlink, loader/netlink/kernel_vxlan.py KernelVxlanBackend.apply_peers (what the agent calls);
 - the agent (`flannel-bpf attach`, a real process) started on the N leases: time to its
   programs and config, to all N map entries, to /readyz, and to its kernel fallback (the
   neighbour + FDB + route of every peer, programmed by a background thread after the maps);
@@ -40,7 +40,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from flannel_bpf.lab.bench_common import (RUN_PREFIX, SCRATCH_UPLINK, SCRATCH_UPLINK_ADDRESS, Deadline,
+from flannel_bpf.bench.common import (RUN_PREFIX, SCRATCH_UPLINK, SCRATCH_UPLINK_ADDRESS, Deadline,
                                           bench_pin_dir, metric, percentile, process_memory, ratio,
                                           remove_stale, run_cli, scratch_netns, wait_until)
 
@@ -127,7 +127,7 @@ def measure_control(*, sizes: tuple[int, ...] = (1000, TARGET_SIZE), puts: int =
 def _run_worker(netns: str, params: dict, timeout: float, log_path: Path) -> list[dict]:
     from flannel_bpf.lab.run import nsenter_argv
 
-    argv = nsenter_argv(netns, [sys.executable, "-m", "flannel_bpf.lab.bench_control", "--worker",
+    argv = nsenter_argv(netns, [sys.executable, "-m", "flannel_bpf.bench.control", "--worker",
                                 json.dumps(params)])
     with open(log_path, "w") as stderr:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
@@ -206,8 +206,8 @@ def _time_listing(etcd: Etcd, prefix: str, size: int) -> tuple[float, list]:
 
 def _time_map_programming(maps, leases: list) -> float:
     """Cold: empty maps, then every lease into fl_peers (and fl_peer_ips) in one batch."""
-    from flannel_bpf.loader.layout import PeerMode
-    from flannel_bpf.loader.maps import PeerEntry
+    from flannel_bpf.loader.bpf.layout import PeerMode
+    from flannel_bpf.loader.bpf.maps import PeerEntry
 
     maps.sync_peers([])
     start = time.perf_counter()
@@ -222,7 +222,7 @@ def _time_map_programming(maps, leases: list) -> float:
 
 
 def _peers_of(leases: list) -> list:
-    from flannel_bpf.loader.backends import peer_of
+    from flannel_bpf.controller.backends import peer_of
     return [peer_of(lease) for lease in leases]
 
 
@@ -245,7 +245,7 @@ def _bounded(peers: list, apply_chunk, budget: float, chunk: int = 100) -> Bound
 
 
 def _fresh_vxlan():
-    from flannel_bpf.loader.kernel_vxlan import KernelVxlanBackend
+    from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend
 
     backend = KernelVxlanBackend(uplink=SCRATCH_UPLINK, public_ip=SCRATCH_UPLINK_ADDRESS,
                                  subnet=peer_subnet(MAX_PEERS))
@@ -258,7 +258,7 @@ def _time_netlink_flanneld(peers: list, budget: float) -> BoundedRun:
     from pyroute2 import IPRoute
     from pyroute2.netlink.rtnl import ndmsg
 
-    from flannel_bpf.loader.routes import replace_route
+    from flannel_bpf.loader.netlink.routes import replace_route
 
     backend, device = _fresh_vxlan()
     permanent, self_flag = ndmsg.states["permanent"], ndmsg.flags["self"]
@@ -324,7 +324,7 @@ class AgentRun:
         """The agent's programs are loaded and its node config written."""
         self.check_running()
         if self.maps is None:
-            from flannel_bpf.loader.maps import DataPlaneMaps
+            from flannel_bpf.loader.bpf.maps import DataPlaneMaps
             try:
                 self.maps = DataPlaneMaps(self.pin_dir)
             except (FileNotFoundError, OSError):
@@ -332,7 +332,7 @@ class AgentRun:
         return self.maps.get_local_config() is not None
 
     def has_peer(self, subnet: ipaddress.IPv4Network) -> bool:
-        from flannel_bpf.loader import layout
+        from flannel_bpf.loader.bpf import layout
         key = layout.LpmV4Key(prefixlen=subnet.prefixlen,
                               addr=layout.c_array(layout.Ip4, subnet.network_address.packed))
         # An LPM lookup also matches a covering prefix; the benchmark's subnets are all
@@ -645,7 +645,7 @@ def _in_process(etcd: Etcd, size: int, maps, params: dict) -> list[dict]:
 
 
 def worker(params: dict) -> list[dict]:
-    from flannel_bpf.loader.program import load_programs
+    from flannel_bpf.loader.bpf.program import load_programs
 
     etcd = Etcd(params["etcd_endpoint"])
     results = []
