@@ -333,7 +333,7 @@ class AgentRun:
 
     def has_peer(self, subnet: ipaddress.IPv4Network) -> bool:
         from flannel_bpf.loader.bpf import layout
-        key = layout.LpmV4Key(prefixlen=subnet.prefixlen,
+        key = layout.FlLpmV4Key(prefixlen=subnet.prefixlen,
                               addr=layout.c_array(layout.Ip4, subnet.network_address.packed))
         # An LPM lookup also matches a covering prefix; the benchmark's subnets are all
         # /SUBNET_LEN and distinct, so a hit is this subnet's own entry.

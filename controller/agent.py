@@ -28,6 +28,7 @@ from flannel_bpf.controller.subnet_manager import SUBNET_TTL, SubnetManager
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.controller.coalesce import CoalescingWorker
 from flannel_bpf.controller.netlink_waker import NetlinkWaker
+from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,14 @@ BACKEND_CHOICES = ("bpf", "vxlan", "host-gw")
 class AgentOptions:
     backend: str | None = None          # overrides Backend.Type of the network config
     decap: str | None = None            # overrides Backend.Decap ("auto" | "xdp" | "tc")
-    bridge: str = "cni0"
+    bridge: str = DEFAULT_BRIDGE
     pin_dir: str | None = None
     cleanup_on_exit: bool = False
     reconcile_interval: float = 1.0
     lease_ttl: int = SUBNET_TTL
     renew_margin: float = 3600.0
     ip_masq: bool = False
-    subnet_file: str = "/run/flannel/subnet.env"
+    subnet_file: str = DEFAULT_SUBNET_FILE
     net_config_path: str | None = None
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0

@@ -17,6 +17,7 @@ peer that changed again meanwhile is programmed once and a removed one is never 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import threading
@@ -26,23 +27,26 @@ from typing import Callable, Mapping
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from flannel_bpf.controller.coalesce import CoalescingWorker
 from flannel_bpf.controller.config import BackendConfig
 from flannel_bpf.controller.lease import Lease
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader.bpf import attach
-from flannel_bpf.loader.netlink import host_gw
-from flannel_bpf.controller.coalesce import CoalescingWorker
-from flannel_bpf.loader.netlink.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
-from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
 from flannel_bpf.loader.bpf.layout import PeerMode
-from flannel_bpf.loader.peer import Peer
+from flannel_bpf.loader.bpf.maps import EndpointEntry, NodeConfig, PeerEntry
+from flannel_bpf.loader.bpf.program import load_programs_in_child
+from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_VNI
+from flannel_bpf.loader.netlink.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
+from flannel_bpf.loader.netlink.host_gw import KernelHostGwBackend
+from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
 from flannel_bpf.loader.netlink.routes import NetlinkLookups, OwnAddresses, PeerRejected, find_link, link_index
+from flannel_bpf.loader.netns import read_sysctl, write_sysctl
+from flannel_bpf.loader.peer import Peer
 
 log = logging.getLogger(__name__)
 
 NO_MAC = "00:00:00:00:00:00"
 
-DEFAULT_BRIDGE = "cni0"
 # Neighbour states that name a pod we can deliver to (not INCOMPLETE/FAILED/NOARP).
 _NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # REACHABLE STALE DELAY PROBE PERMANENT
 _NUD_PERMANENT = 0x80
@@ -51,7 +55,7 @@ _NUD_PERMANENT = 0x80
 def peer_of(lease: Lease) -> Peer:
     """The loader's view of a peer lease (raises ValueError on a lease it cannot use)."""
     return Peer(subnet=lease.subnet, public_ip=lease.public_ip, vtep_mac=lease.vtep_mac,
-                vni=lease.vni if lease.vni is not None else 1)
+                vni=lease.vni if lease.vni is not None else DEFAULT_VNI)
 
 
 class KernelBackend:
@@ -204,7 +208,7 @@ class HostGwBackend(KernelBackend):
     lease_type = "host-gw"
 
     def start(self, lease: Lease) -> None:
-        self.kernel = host_gw.HostGwBackend(uplink=self.uplink.name)
+        self.kernel = KernelHostGwBackend(uplink=self.uplink.name)
         self.kernel.setup()
 
 
@@ -259,7 +263,6 @@ class BpfBackend(VxlanBackend):
         """Program this node for `lease`. Called again when our subnet changes: the programs
         are compiled once per agent, only the node's config is rewritten."""
         super().start(lease)  # flannel.<VNI>: the routed device and safety net
-        from flannel_bpf.loader.bpf.maps import NodeConfig
         self.prepare()
         with IPRoute() as ipr:
             uplink = ipr.link("get", index=self.uplink.ifindex)[0]
@@ -290,7 +293,6 @@ class BpfBackend(VxlanBackend):
     def prepare(self) -> None:
         """Compile, load and pin the programs (seconds on a busy machine), once per agent, in a
         child process: bcc's clang and LLVM would stay in this one (~150 MiB)."""
-        from flannel_bpf.loader.bpf.program import load_programs_in_child
         if self.programs is None:
             # Reuses the pinned maps: state survives restarts.
             self.programs = load_programs_in_child(self.pin_dir)
@@ -322,7 +324,6 @@ class BpfBackend(VxlanBackend):
 
     def _map_entries(self, wanted: Mapping[IPv4Network, Peer | None]) -> dict:
         """subnet -> PeerEntry, or None for no peer or one the data plane cannot use (logged)."""
-        from flannel_bpf.loader.bpf.maps import PeerEntry
         entries = dict.fromkeys(wanted)
         peers = [peer for peer in wanted.values() if peer is not None]
         if not peers:
@@ -394,7 +395,6 @@ class BpfBackend(VxlanBackend):
                         HEADROOM_PORT, self.bridge, err)
 
     def _bridge_changed(self, bridge: int, mac: str) -> None:
-        import dataclasses
         if bridge and bridge != self._bridge_ifindex:
             # Earlier versions encapsulated at the bridge: one hook per packet is enough.
             attach.detach_tc(bridge, "ingress", "tc_encap_from_pods")
@@ -430,7 +430,6 @@ class BpfBackend(VxlanBackend):
         """Local pods for decap delivery: pod IP -> MAC from the bridge's neighbours, MAC ->
         host-side veth from its FDB. A pod the host has not yet talked to is missing here and
         reached through the kernel path, whose ARP then makes it known."""
-        from flannel_bpf.loader.bpf.maps import EndpointEntry
         ports = {}
         for entry in ipr.get_neighbours(family=socket.AF_BRIDGE):
             if entry.get_attr("NDA_MASTER") == bridge and not entry["state"] & _NUD_PERMANENT:
@@ -466,7 +465,6 @@ def loosen_rp_filter(uplink: str) -> None:
     """XDP-decapped packets enter the stack on the uplink with a pod source address whose route
     points at flannel.<VNI>: strict reverse-path filtering (1) would drop them. Loose (2) keeps
     the spoofing check for addresses no route knows."""
-    from flannel_bpf.loader.netns import read_sysctl, write_sysctl
     key = f"net/ipv4/conf/{uplink}/rp_filter"
     if read_sysctl(key) == "1":
         write_sysctl(key, 2)

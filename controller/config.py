@@ -13,11 +13,10 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Iterator
 
+from flannel_bpf.loader.netdefs import DEFAULT_VNI, DEFAULT_VXLAN_PORT, MAX_VNI, MIN_VNI, VXLAN_OVERHEAD
+
 BACKEND_TYPES = ("bpf", "vxlan", "host-gw")
 DECAP_HOOKS = ("auto", "xdp", "tc")
-DEFAULT_VNI = 1
-KERNEL_VXLAN_PORT = 8472  # what Port 0 means: the Linux kernel's default VXLAN port
-VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
 
 # Top-level fields flannel knows. IPv6 ones are accepted (and ignored) only while EnableIPv6 is false.
 _TOP_LEVEL_FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "EnableIPv4", "EnableIPv6",
@@ -53,7 +52,7 @@ class BackendConfig:
     @property
     def udp_port(self) -> int:
         """The VXLAN UDP port on the wire (Port 0 means the kernel default, 8472)."""
-        return self.port or KERNEL_VXLAN_PORT
+        return self.port or DEFAULT_VXLAN_PORT
 
     @property
     def encapsulates(self) -> bool:
@@ -198,13 +197,12 @@ def _parse_backend(value: Any) -> BackendConfig:
     options = _fold_fields(value, ("Type", *known), "Backend.", context=f"for backend type {backend_type!r}")
 
     vni = _typed(options, "VNI", int, DEFAULT_VNI, "Backend.")
-    if not 0 <= vni <= 0xFFFF:
-        # flannel's lease carries the VNI as a 16-bit number.
-        raise ConfigError("Backend.VNI", f"must be between 0 and 65535 (got {vni})")
+    if not MIN_VNI <= vni <= MAX_VNI:
+        raise ConfigError("Backend.VNI", f"must be between {MIN_VNI} and {MAX_VNI} (got {vni})")
     port = _typed(options, "Port", int, 0, "Backend.")
     if not 0 <= port <= 65535:
         raise ConfigError("Backend.Port", f"must be a UDP port between 1 and 65535, or 0 for the "
-                                          f"kernel default {KERNEL_VXLAN_PORT} (got {port})")
+                                          f"kernel default {DEFAULT_VXLAN_PORT} (got {port})")
     mtu = _typed(options, "MTU", int, 0, "Backend.")
     if mtu and not 68 <= mtu <= 65535:
         raise ConfigError("Backend.MTU", f"must be between 68 and 65535, or 0 to derive it from the uplink "

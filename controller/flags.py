@@ -19,9 +19,9 @@ import threading
 from pathlib import Path
 from typing import Callable, Mapping
 
-from .config import NetworkConfig, load_network_config_file
-from .registry import DEFAULT_ENDPOINT, DEFAULT_PREFIX, EtcdOptions, SubnetRegistry, parse_endpoint
-from .subnet_env import DEFAULT_SUBNET_FILE
+from flannel_bpf.controller.config import NetworkConfig, load_network_config_file
+from flannel_bpf.controller.registry import DEFAULT_ENDPOINT, EtcdOptions, SubnetRegistry, parse_endpoint
+from flannel_bpf.loader.netdefs import DEFAULT_ETCD_PREFIX, DEFAULT_SUBNET_FILE
 
 ENV_PREFIX = "FLANNELD_"
 _TRUE = {"1", "t", "true", "yes", "y", "on"}
@@ -66,7 +66,7 @@ def _endpoints(value: str) -> tuple[str, ...]:
 
 def _prefix(value: str) -> str:
     if not value.startswith("/") or any(c.isspace() for c in value):
-        _fail(f"{value!r} must be an etcd key path starting with '/', like {DEFAULT_PREFIX}")
+        _fail(f"{value!r} must be an etcd key path starting with '/', like {DEFAULT_ETCD_PREFIX}")
     return value.rstrip("/") or "/"
 
 
@@ -173,7 +173,7 @@ class _AppendOverDefault(argparse.Action):
 # (flag, type, default, repeatable, metavar, help)
 _FLAGS = (
     ("--etcd-endpoints", _endpoints, DEFAULT_ENDPOINT, False, "URLS", "comma-separated etcd client URLs"),
-    ("--etcd-prefix", _prefix, DEFAULT_PREFIX, False, "PATH", "etcd key prefix of the flannel network"),
+    ("--etcd-prefix", _prefix, DEFAULT_ETCD_PREFIX, False, "PATH", "etcd key prefix of the flannel network"),
     ("--etcd-keyfile", _existing_file, None, False, "FILE", "TLS key file for etcd"),
     ("--etcd-certfile", _existing_file, None, False, "FILE", "TLS certificate file for etcd"),
     ("--etcd-cafile", _existing_file, None, False, "FILE", "CA bundle that signs etcd's certificate"),

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from flannel_bpf.loader.netdefs import check_vni, parse_mac
+
 # flannel's subnetRegex (an optional "&<ipv6>-<len>" tail for dual stack).
 _SUBNET_KEY = re.compile(r"(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$")
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _ATTR_FIELDS = ("PublicIP", "PublicIPv6", "BackendType", "BackendData", "BackendV6Data")
 
 
@@ -78,9 +79,7 @@ class LeaseAttrs:
 
 def vxlan_backend_data(vni: int, vtep_mac: str) -> dict:
     """BackendData of a vxlan lease, in flannel's field order ({"VNI":1,"VtepMAC":"..."})."""
-    if not _MAC.match(vtep_mac):
-        raise ValueError(f"VtepMAC {vtep_mac!r} is not a MAC address like c6:d2:32:6f:8f:44")
-    return {"VNI": int(vni), "VtepMAC": vtep_mac.lower()}
+    return {"VNI": check_vni(vni), "VtepMAC": parse_mac(vtep_mac, "VtepMAC")}
 
 
 def node_lease_attrs(backend_type: str, public_ip: IPv4Address | str, vni: int = 1,
@@ -181,13 +180,10 @@ def _check_vxlan_data(data: Any) -> dict:
     if not isinstance(data, dict):
         raise LeaseFormatError("vxlan lease has no BackendData object")
     folded = {k.lower(): v for k, v in data.items()}
-    mac = folded.get("vtepmac")
-    if not isinstance(mac, str) or not _MAC.match(mac):
-        raise LeaseFormatError(f"vxlan BackendData.VtepMAC {mac!r} is not a MAC address")
-    checked = {"VtepMAC": mac.lower()}
-    if "vni" in folded:
-        vni = folded["vni"]
-        if isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni <= 0xFFFFFF:
-            raise LeaseFormatError(f"vxlan BackendData.VNI {vni!r} is not a VNI")
-        checked = {"VNI": vni, **checked}
+    try:
+        checked = {"VtepMAC": parse_mac(folded.get("vtepmac"), "vxlan BackendData.VtepMAC")}
+        if "vni" in folded:
+            checked = {"VNI": check_vni(folded["vni"], "vxlan BackendData.VNI"), **checked}
+    except ValueError as err:
+        raise LeaseFormatError(str(err)) from None
     return checked

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Literal, Protocol
 
-from .lease import Lease
+from flannel_bpf.controller.lease import Lease
 
 PeerEventKind = Literal["added", "changed", "removed"]
 

@@ -22,14 +22,14 @@ import etcd3.etcdrpc as etcdrpc
 import etcd3.exceptions
 import grpc
 
-from .config import NetworkConfig, parse_network_config
-from .lease import (Lease, LeaseAttrs, LeaseFormatError, decode_lease, encode_lease_value, parse_subnet_key,
-                    subnet_key, subnets_prefix)
+from flannel_bpf.controller.config import NetworkConfig, parse_network_config
+from flannel_bpf.controller.lease import (Lease, LeaseAttrs, LeaseFormatError, decode_lease, encode_lease_value,
+                                         parse_subnet_key, subnet_key, subnets_prefix)
+from flannel_bpf.loader.netdefs import DEFAULT_ETCD_PREFIX
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
-DEFAULT_PREFIX = "/coreos.com/network"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Reconnect quickly after an etcd restart: gRPC's default backoff grows to two minutes.
 _GRPC_OPTIONS = [
@@ -63,7 +63,7 @@ class EtcdOptions:
     """How to reach etcd: flanneld's --etcd-* flags."""
 
     endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
-    prefix: str = DEFAULT_PREFIX
+    prefix: str = DEFAULT_ETCD_PREFIX
     keyfile: str | None = None
     certfile: str | None = None
     cafile: str | None = None

@@ -16,8 +16,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
-
 
 def render_subnet_env(network: IPv4Network, subnet: IPv4Network, mtu: int, ip_masq: bool) -> str:
     # FLANNEL_SUBNET is the subnet's first host address with the subnet's prefix length.

@@ -21,12 +21,13 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config import NetworkConfig
-from .lease import Lease, LeaseAttrs
-from .peers import PeerEvent, PeerSink, PeerTable
-from .registry import (EtcdError, InvalidEntry, LeaseChange, LeaseListing, LeaseWatch,
+from flannel_bpf.controller.config import NetworkConfig
+from flannel_bpf.controller.lease import Lease, LeaseAttrs
+from flannel_bpf.controller.peers import PeerEvent, PeerSink, PeerTable
+from flannel_bpf.controller.registry import (EtcdError, InvalidEntry, LeaseChange, LeaseListing, LeaseWatch,
                        SubnetRegistry, WatchCompacted)
-from .subnet_env import DEFAULT_SUBNET_FILE, read_previous_subnet, write_subnet_env
+from flannel_bpf.controller.subnet_env import read_previous_subnet, write_subnet_env
+from flannel_bpf.loader.netdefs import DEFAULT_SUBNET_FILE
 
 log = logging.getLogger(__name__)
 

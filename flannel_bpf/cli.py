@@ -7,14 +7,11 @@ import sys
 
 from rich.logging import RichHandler
 
-from flannel_bpf import __version__
+from flannel_bpf import __version__, commands
 from flannel_bpf.console import make_console
+from flannel_bpf.usage import UsageError
 
 log = logging.getLogger("flannel-bpf")
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
 def setup_logging(verbose: bool) -> None:
@@ -39,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command module registers its own parser and handler: add_parser(sub) -> None.
-    from flannel_bpf import commands
     for module in commands.ALL:
         module.add_parser(sub)
     return parser

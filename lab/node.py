@@ -25,10 +25,11 @@ from ipaddress import IPv4Interface, IPv4Network
 
 from pyroute2 import IPRoute
 
-from flannel_bpf.controller.subnet_env import DEFAULT_SUBNET_FILE, read_subnet_env
+from flannel_bpf.controller.subnet_env import read_subnet_env
 from flannel_bpf.lab.run import ping
-from flannel_bpf.lab.topology import (POD_BRIDGE, POD_IFNAME, add_bridge, configure_interface,
+from flannel_bpf.lab.topology import (POD_IFNAME, add_bridge, configure_interface,
                                       new_namespace, plug_veth, prepare_namespace)
+from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
 from flannel_bpf.loader.netns import netns_exists
 
 MAX_PODS = 200
@@ -64,7 +65,7 @@ def _lease(subnet_file: str) -> tuple[IPv4Interface, int]:
         raise NodeError(f"{subnet_file}: {err}") from None
 
 
-def ensure_pods(count: int, subnet_file: str = DEFAULT_SUBNET_FILE, bridge: str = POD_BRIDGE,
+def ensure_pods(count: int, subnet_file: str = DEFAULT_SUBNET_FILE, bridge: str = DEFAULT_BRIDGE,
                 prefix: str = POD_PREFIX) -> list[dict]:
     """Create whatever of cni0 and pods 1..count is missing; returns [{netns, address}]."""
     gateway, mtu = _lease(subnet_file)

@@ -37,12 +37,13 @@ from flannel_bpf.lab.topology import (DEFAULT_LAB, MAX_HOSTS, POD_NETWORK, UNDER
                                       EtcdMemberState, EtcdState, Host, Lab, LabError, Pod,
                                       destroy, list_labs, read_state, run_dir)
 from flannel_bpf.loader.bpf.attach import default_pin_dir, list_tc
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps
+from flannel_bpf.loader.netdefs import DEFAULT_ETCD_PREFIX, check_vni
 from flannel_bpf.loader.netns import in_netns
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("bpf", "vxlan", "host-gw")
-ETCD_PREFIX = "/coreos.com/network"
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 # One member listens on the underlay bridge's own address; three on extra addresses of it.
@@ -87,8 +88,10 @@ class LabSpec:
             raise LabError(f"--pods must be 0..20, got {self.pods}")
         if self.etcd_members not in ETCD_ADDRESSES:
             raise LabError(f"--etcd must be 1 or 3, got {self.etcd_members}")
-        if not 1 <= self.vni <= 0xFFFFFF:
-            raise LabError(f"--vni must be 1..16777215, got {self.vni}")
+        try:
+            check_vni(self.vni, "--vni")
+        except ValueError as err:
+            raise LabError(str(err)) from None
         if self.decap not in (None, "auto", "xdp", "tc"):
             raise LabError(f"--decap must be auto, xdp or tc, got {self.decap!r}")
         network_config(self.host_backends(), self.vni, self.direct_routing)
@@ -199,7 +202,7 @@ def start_etcd(lab: Lab, members: int = 1) -> EtcdState:
                            for i, a in enumerate(addresses, 1)],
                           base_dir=base, token=f"fbpf-{lab.name}")
     cluster.start()
-    lab.state.etcd = EtcdState(prefix=ETCD_PREFIX, token=cluster.token, members=[
+    lab.state.etcd = EtcdState(prefix=DEFAULT_ETCD_PREFIX, token=cluster.token, members=[
         EtcdMemberState(name=m.name, client_url=m.client_url, peer_url=m.peer_url, netns=ul,
                         pid=m.process.pid, data_dir=str(m.data_dir), log_path=str(m.log_path))
         for m in cluster.members])
@@ -538,7 +541,6 @@ def read_counters(host: Host) -> dict[str, tuple[int, int]]:
     """The bpf data plane's counters of a host ({} for kernel backends or no pinned maps)."""
     if host.agent is None or host.agent.backend != "bpf" or not host.agent.pin_dir:
         return {}
-    from flannel_bpf.loader.bpf.maps import DataPlaneMaps
     try:
         with DataPlaneMaps(host.agent.pin_dir) as maps:
             return maps.read_counters()

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator
 from pyroute2 import IPRoute
 
 from flannel_bpf.loader.bpf.attach import PIN_ROOT, unlink_pins
+from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE
 from flannel_bpf.loader.netns import (create_netns, in_netns, list_netns, netns_exists,
                                       pids_by_netns, remove_netns, write_sysctl)
 
@@ -44,7 +45,6 @@ UNDERLAY_BRIDGE_ADDRESS = IPv4Interface("198.18.0.254/24")
 ROUTER_ADDRESSES = (IPv4Interface("198.18.0.1/24"), IPv4Interface("198.18.1.1/24"))
 HOST_UPLINK = "eth0"
 UPLINK_MTU = 1500
-POD_BRIDGE = "cni0"
 POD_IFNAME = "eth0"
 POD_NETWORK = IPv4Network("10.244.0.0/16")
 MAX_HOSTS = 200          # host I gets .(10+I); .1 is the router and .254 the etcd address
@@ -506,12 +506,12 @@ class Lab:
                   host_veth=f"vethp{index}", address=str(iface), gateway=str(gw), mtu=mtu)
         if h.pod_gateway is None:
             with in_netns(h.netns), IPRoute() as ipr:
-                add_bridge(ipr, POD_BRIDGE, bridge_address)
-            h.pod_bridge, h.pod_gateway = POD_BRIDGE, str(bridge_address)
+                add_bridge(ipr, DEFAULT_BRIDGE, bridge_address)
+            h.pod_bridge, h.pod_gateway = DEFAULT_BRIDGE, str(bridge_address)
             self.save()
         new_namespace(pod.netns, forwarding=False)
         try:
-            plug_veth(h.netns, pod.host_veth, POD_BRIDGE, pod.netns, pod.ifname, mtu)
+            plug_veth(h.netns, pod.host_veth, DEFAULT_BRIDGE, pod.netns, pod.ifname, mtu)
             configure_interface(pod.netns, pod.ifname, iface, mtu, [("default", str(gw))])
         except BaseException:
             remove_netns(pod.netns)  # takes the veth pair with it

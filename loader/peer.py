@@ -1,21 +1,10 @@
 """What a data-plane backend needs to know about one remote flannel node."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-MAX_VNI = (1 << 24) - 1
-
-
-def normalize_mac(value: str, what: str = "MAC address") -> str:
-    mac = str(value).strip().lower().replace("-", ":")
-    if not _MAC.match(mac):
-        raise ValueError(f"bad {what} {value!r}: expected six hex bytes like 0a:58:0a:f4:01:01")
-    if int(mac[:2], 16) & 1:
-        raise ValueError(f"bad {what} {value!r}: a multicast address cannot be a VTEP")
-    return mac
+from flannel_bpf.loader.netdefs import DEFAULT_VNI, check_public_ip, check_vni, check_vtep_mac
 
 
 @dataclass(frozen=True)
@@ -25,7 +14,7 @@ class Peer:
     subnet: IPv4Network
     public_ip: IPv4Address
     vtep_mac: str | None = None
-    vni: int = 1
+    vni: int = DEFAULT_VNI
 
     def __post_init__(self):
         # Values that already are addresses are kept: a sync converts thousands of leases.
@@ -33,14 +22,9 @@ class Peer:
             subnet = self.subnet if isinstance(self.subnet, IPv4Network) else IPv4Network(self.subnet)
         except ValueError as e:
             raise ValueError(f"bad peer subnet {self.subnet!r}: {e}") from None
-        try:
-            public_ip = (self.public_ip if isinstance(self.public_ip, IPv4Address)
-                         else IPv4Address(self.public_ip))
-        except ValueError as e:
-            raise ValueError(f"bad peer public_ip {self.public_ip!r}: {e}") from None
-        vtep_mac = None if self.vtep_mac is None else normalize_mac(self.vtep_mac, "peer vtep_mac")
-        if isinstance(self.vni, bool) or not isinstance(self.vni, int) or not 0 <= self.vni <= MAX_VNI:
-            raise ValueError(f"bad peer vni {self.vni!r}: must be an integer 0..{MAX_VNI}")
+        public_ip = check_public_ip(self.public_ip, "peer public_ip")
+        vtep_mac = None if self.vtep_mac is None else check_vtep_mac(self.vtep_mac, "peer vtep_mac")
+        check_vni(self.vni, "peer vni")
         object.__setattr__(self, "subnet", subnet)
         object.__setattr__(self, "public_ip", public_ip)
         object.__setattr__(self, "vtep_mac", vtep_mac)

@@ -5,7 +5,6 @@ import argparse
 import logging
 import signal
 
-from flannel_bpf.cli import UsageError
 from flannel_bpf.controller.agent import BACKEND_CHOICES, Agent, options_from_args
 from flannel_bpf.controller.config import ConfigError
 from flannel_bpf.controller.flags import FlagError, add_flanneld_flags, etcd_options_from_args
@@ -13,6 +12,8 @@ from flannel_bpf.controller.registry import EtcdError, SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, OutOfSubnets, SubnetAcquireError
 from flannel_bpf.controller.uplink import UplinkError, select_uplink
 from flannel_bpf.loader.bpf.program import LoadError
+from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE
+from flannel_bpf.usage import UsageError
 
 log = logging.getLogger("flannel-bpf")
 
@@ -25,7 +26,8 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decap", choices=("auto", "xdp", "tc"),
                         help="where VXLAN is decapsulated (default: Backend.Decap, else auto: tc on "
                              "veth uplinks, XDP elsewhere)")
-    parser.add_argument("--bridge", default="cni0", help="the pod bridge whose traffic to forward (default cni0)")
+    parser.add_argument("--bridge", default=DEFAULT_BRIDGE,
+                        help="the pod bridge whose traffic to forward (default %(default)s)")
     parser.add_argument("--pin-dir", help="bpffs directory of the pinned maps and programs "
                                           "(default /sys/fs/bpf/flannel-bpf/[NETNS/]IFACE)")
     parser.add_argument("--cleanup-on-exit", action="store_true",

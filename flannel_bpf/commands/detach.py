@@ -7,11 +7,14 @@ import os
 
 from pyroute2 import IPRoute
 
-from flannel_bpf.cli import UsageError
+from flannel_bpf.controller.backends import detach_bpf
+from flannel_bpf.controller.ipmasq import IpMasq
 from flannel_bpf.loader.bpf import attach
-from flannel_bpf.controller.backends import DEFAULT_BRIDGE, detach_bpf
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps
+from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_VNI
 from flannel_bpf.loader.netlink.kernel_vxlan import vxlan_device_name
 from flannel_bpf.loader.netlink.routes import delete_our_routes, link_index
+from flannel_bpf.usage import UsageError
 
 log = logging.getLogger("flannel-bpf")
 
@@ -21,15 +24,14 @@ def add_parser(sub) -> None:
                             description=__doc__)
     parser.add_argument("--iface", required=True, help="the uplink given to attach")
     parser.add_argument("--vni", type=int, default=None,
-                        help="VNI of the flannel.<VNI> device (default: from the pinned config, else 1)")
-    parser.add_argument("--bridge", default=DEFAULT_BRIDGE, help="the pod bridge (default cni0)")
+                        help=f"VNI of the flannel.<VNI> device (default: from the pinned config, else {DEFAULT_VNI})")
+    parser.add_argument("--bridge", default=DEFAULT_BRIDGE, help="the pod bridge (default %(default)s)")
     parser.add_argument("--pin-dir", help="pin directory given to attach, if not the default")
     parser.add_argument("--keep-ip-masq", action="store_true", help="leave the flanneld masq rules")
     parser.set_defaults(handler=run)
 
 
 def pinned_vni(pin_dir: str) -> int | None:
-    from flannel_bpf.loader.bpf.maps import DataPlaneMaps
     try:
         with DataPlaneMaps(pin_dir) as maps:
             config = maps.get_local_config()
@@ -43,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
         pin_dir = str(args.pin_dir or attach.default_pin_dir(args.iface))
     except ValueError as err:
         raise UsageError(str(err)) from None
-    vni = args.vni if args.vni is not None else (pinned_vni(pin_dir) or 1)
+    vni = args.vni if args.vni is not None else pinned_vni(pin_dir)
+    if vni is None:
+        vni = DEFAULT_VNI
     detach_bpf(args.iface, vni, args.bridge, pin_dir)
     removed = []
     with IPRoute() as ipr:
@@ -57,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
             if count:
                 removed.append(f"{count} routes via {args.iface}")
     if not args.keep_ip_masq and os.path.exists("/usr/sbin/iptables"):
-        from flannel_bpf.controller.ipmasq import IpMasq
         IpMasq.remove()
     log.info("detached from %s%s", args.iface, f": removed {', '.join(removed)}" if removed else "")
     return 0

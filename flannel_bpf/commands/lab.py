@@ -6,15 +6,17 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flannel_bpf.cli import UsageError
+from flannel_bpf.bench import run as bench
 from flannel_bpf.console import make_console
 from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.topology import DEFAULT_LAB, Lab, LabError, LabNotFound
+from flannel_bpf.usage import UsageError
 
 log = logging.getLogger("flannel-bpf")
 
@@ -248,9 +250,6 @@ def _ping_and_print(console: Console, lab: Lab, count: int) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from flannel_bpf.bench import run as bench
     unknown = [p for p in args.only if p not in bench.PARTS]
     if unknown:
         raise UsageError(f"--only: unknown part(s) {', '.join(unknown)}; use {', '.join(bench.PARTS)}")

@@ -7,16 +7,18 @@ import json
 import time
 
 from pyroute2 import IPRoute
-from flannel_bpf.console import make_console
 from rich.live import Live
 from rich.table import Table
 
-from flannel_bpf.cli import UsageError
+from flannel_bpf.console import make_console
+from flannel_bpf.controller.backends import choose_decap_hook, link_kind, pod_ports
 from flannel_bpf.controller.subnet_env import read_subnet_env
 from flannel_bpf.loader.bpf import attach
-from flannel_bpf.controller.backends import DEFAULT_BRIDGE, choose_decap_hook, link_kind, pod_ports
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps
+from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
 from flannel_bpf.loader.netlink.kernel_vxlan import vxlan_device_name
 from flannel_bpf.loader.netlink.routes import link_index
+from flannel_bpf.usage import UsageError
 
 MAX_WATCH_SECONDS = 24 * 3600
 
@@ -27,9 +29,9 @@ def add_parser(sub) -> None:
         parser = sub.add_parser(name, help=text, description=__doc__)
         parser.add_argument("--iface", required=True, help="the uplink given to attach")
         parser.add_argument("--pin-dir", help="pin directory given to attach, if not the default")
-        parser.add_argument("--bridge", default=DEFAULT_BRIDGE, help="the pod bridge (default cni0)")
+        parser.add_argument("--bridge", default=DEFAULT_BRIDGE, help="the pod bridge (default %(default)s)")
         if name == "status":
-            parser.add_argument("--subnet-file", default="/run/flannel/subnet.env")
+            parser.add_argument("--subnet-file", default=DEFAULT_SUBNET_FILE)
             parser.add_argument("--json", action="store_true", help="machine-readable output")
         else:
             parser.add_argument("--watch", action="store_true", help="refresh until interrupted")
@@ -39,7 +41,6 @@ def add_parser(sub) -> None:
 
 
 def _open_maps(args):
-    from flannel_bpf.loader.bpf.maps import DataPlaneMaps
     pin_dir = str(args.pin_dir or attach.default_pin_dir(args.iface))
     try:
         return DataPlaneMaps(pin_dir)

@@ -1,6 +1,7 @@
 """Python mirror of ebpf/lib/flannel_maps.h: map key/value layouts, peer
-modes and counter ids. tests/bpf/test_layout.py compiles a probe against the
-header and fails on any difference, so keep the two in step.
+modes and counter ids (its FL_VXLAN_OVERHEAD is netdefs.VXLAN_OVERHEAD).
+tests/bpf/test_layout.py compiles a probe against the header and fails on
+any difference, so keep the two in step.
 
 Addresses in these structs are 4 bytes in network order (``Ip4``), MACs 6
 bytes (``Mac``); every other integer is host order, as in the header.
@@ -10,11 +11,8 @@ from __future__ import annotations
 import ctypes
 import enum
 import ipaddress
-import re
 
 ETH_ALEN = 6
-VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
-DEFAULT_VXLAN_PORT = 8472  # the kernel's default, what flannel's Port 0 means
 DEFAULT_SRC_PORT_RANGE = (32768, 60999)  # the kernel's ip_local_port_range
 
 Mac = ctypes.c_uint8 * ETH_ALEN
@@ -82,12 +80,12 @@ TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 XDP_DROP, XDP_PASS = 1, 2
 
 
-class LpmV4Key(ctypes.Structure):
+class FlLpmV4Key(ctypes.Structure):
     """struct fl_lpm_v4_key: key of fl_peers."""
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", Ip4)]
 
 
-class Peer(ctypes.Structure):
+class FlPeer(ctypes.Structure):
     """struct fl_peer: value of fl_peers."""
     _fields_ = [("underlay_ip", Ip4), ("vtep_mac", Mac), ("mode", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
 
@@ -97,17 +95,17 @@ class PeerIpKey(ctypes.Structure):
     _fields_ = [("addr", Ip4)]
 
 
-class PeerIp(ctypes.Structure):
+class FlPeerIp(ctypes.Structure):
     """struct fl_peer_ip: value of fl_peer_ips."""
     _fields_ = [("present", ctypes.c_uint8)]
 
 
-class Endpoint(ctypes.Structure):
+class FlEndpoint(ctypes.Structure):
     """struct fl_endpoint: value of fl_endpoints."""
     _fields_ = [("ifindex", ctypes.c_uint32), ("mac", Mac), ("pad", ctypes.c_uint8 * 2)]
 
 
-class LocalConfig(ctypes.Structure):
+class FlLocalConfig(ctypes.Structure):
     """struct fl_local_config: the one value of fl_config."""
     _fields_ = [
         ("configured", ctypes.c_uint32),
@@ -135,43 +133,29 @@ class ArrayKey(ctypes.Structure):
     _fields_ = [("index", ctypes.c_uint32)]
 
 
-class Counter(ctypes.Structure):
+class FlCounter(ctypes.Structure):
     """struct fl_counter: per-CPU value of fl_counters."""
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
 # name -> (C key type, C value type, ctypes key, ctypes value): every map the programs share.
 MAPS = {
-    "fl_peers": ("struct fl_lpm_v4_key", "struct fl_peer", LpmV4Key, Peer),
-    "fl_peer_ips": ("__be32", "struct fl_peer_ip", PeerIpKey, PeerIp),
-    "fl_config": ("__u32", "struct fl_local_config", ArrayKey, LocalConfig),
-    "fl_endpoints": ("__be32", "struct fl_endpoint", PeerIpKey, Endpoint),
-    "fl_counters": ("__u32", "struct fl_counter", ArrayKey, Counter),
+    "fl_peers": ("struct fl_lpm_v4_key", "struct fl_peer", FlLpmV4Key, FlPeer),
+    "fl_peer_ips": ("__be32", "struct fl_peer_ip", PeerIpKey, FlPeerIp),
+    "fl_config": ("__u32", "struct fl_local_config", ArrayKey, FlLocalConfig),
+    "fl_endpoints": ("__be32", "struct fl_endpoint", PeerIpKey, FlEndpoint),
+    "fl_counters": ("__u32", "struct fl_counter", ArrayKey, FlCounter),
 }
 
 # C struct name -> ctypes mirror, for the layout probe.
 STRUCTS = {
-    "struct fl_lpm_v4_key": LpmV4Key,
-    "struct fl_peer": Peer,
-    "struct fl_peer_ip": PeerIp,
-    "struct fl_endpoint": Endpoint,
-    "struct fl_local_config": LocalConfig,
-    "struct fl_counter": Counter,
+    "struct fl_lpm_v4_key": FlLpmV4Key,
+    "struct fl_peer": FlPeer,
+    "struct fl_peer_ip": FlPeerIp,
+    "struct fl_endpoint": FlEndpoint,
+    "struct fl_local_config": FlLocalConfig,
+    "struct fl_counter": FlCounter,
 }
-
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$")
-
-
-def mac_to_bytes(mac: str | bytes) -> bytes:
-    """``"aa:bb:cc:dd:ee:ff"`` (or 6 raw bytes) -> 6 bytes."""
-    if isinstance(mac, (bytes, bytearray)):
-        if len(mac) != ETH_ALEN:
-            raise ValueError(f"MAC address must be 6 bytes, got {len(mac)}")
-        return bytes(mac)
-    if not isinstance(mac, str) or not _MAC_RE.match(mac):
-        raise ValueError(f"not a MAC address: {mac!r} (expected aa:bb:cc:dd:ee:ff)")
-    return bytes(int(part, 16) for part in re.split("[:-]", mac))
-
 
 def bytes_to_mac(raw) -> str:
     return ":".join(f"{b:02x}" for b in bytes(raw))

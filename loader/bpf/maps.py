@@ -13,10 +13,9 @@ from collections import Counter as Multiset
 from dataclasses import dataclass
 from typing import Iterable
 
-from flannel_bpf.loader.bpf import bpfsys
-
-from flannel_bpf.loader.bpf import layout
+from flannel_bpf.loader.bpf import bpfsys, layout
 from flannel_bpf.loader.bpf.layout import PeerMode
+from flannel_bpf.loader.netdefs import DEFAULT_VNI, DEFAULT_VXLAN_PORT, VXLAN_OVERHEAD, check_vni, is_multicast_mac, mac_bytes
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class PeerEntry:
             except KeyError:
                 raise ValueError(f"peer mode {mode!r}: expected vxlan or direct") from None
         return cls(layout.ip4_network(subnet), layout.ip4(underlay_ip),
-                   layout.bytes_to_mac(layout.mac_to_bytes(vtep_mac)), PeerMode(mode))
+                   layout.bytes_to_mac(mac_bytes(vtep_mac)), PeerMode(mode))
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class EndpointEntry:
     @classmethod
     def make(cls, ip, ifindex: int, mac: str | bytes) -> "EndpointEntry":
         _check_ifindex("endpoint ifindex", ifindex, required=True)
-        return cls(layout.ip4(ip), ifindex, layout.bytes_to_mac(layout.mac_to_bytes(mac)))
+        return cls(layout.ip4(ip), ifindex, layout.bytes_to_mac(mac_bytes(mac)))
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,8 @@ class NodeConfig:
     vtep_mac: str
     uplink_mac: str
     uplink_ifindex: int
-    vni: int = 1
-    vxlan_port: int = layout.DEFAULT_VXLAN_PORT
+    vni: int = DEFAULT_VNI
+    vxlan_port: int = DEFAULT_VXLAN_PORT
     mtu: int = 1500                       # the uplink's MTU
     bridge_mac: str = "00:00:00:00:00:00"  # cni0's MAC: source of packets handed to pods
     bridge_ifindex: int = 0
@@ -78,19 +77,18 @@ class NodeConfig:
     def make(cls, *, underlay_ip, subnet, vtep_mac, uplink_mac, uplink_ifindex: int, **kw) -> "NodeConfig":
         """Validating constructor: raises ValueError naming the bad field."""
         cfg = cls(underlay_ip=layout.ip4(underlay_ip), subnet=layout.ip4_network(subnet),
-                  vtep_mac=layout.bytes_to_mac(layout.mac_to_bytes(vtep_mac)),
-                  uplink_mac=layout.bytes_to_mac(layout.mac_to_bytes(uplink_mac)),
+                  vtep_mac=layout.bytes_to_mac(mac_bytes(vtep_mac)),
+                  uplink_mac=layout.bytes_to_mac(mac_bytes(uplink_mac)),
                   uplink_ifindex=uplink_ifindex, **kw)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        if not 0 <= self.vni < 1 << 24:
-            raise ValueError(f"VNI {self.vni!r}: must be 0..16777215")
+        check_vni(self.vni)
         if not 1 <= self.vxlan_port <= 65535:
             raise ValueError(f"VXLAN port {self.vxlan_port!r}: must be 1..65535")
-        if not 576 + layout.VXLAN_OVERHEAD <= self.mtu <= 65535:
-            raise ValueError(f"MTU {self.mtu!r}: must be {576 + layout.VXLAN_OVERHEAD}..65535")
+        if not 576 + VXLAN_OVERHEAD <= self.mtu <= 65535:
+            raise ValueError(f"MTU {self.mtu!r}: must be {576 + VXLAN_OVERHEAD}..65535")
         if not isinstance(self.gbp, bool):
             raise ValueError(f"gbp {self.gbp!r}: must be true or false")
         if not 1 <= self.src_port_min < self.src_port_max <= 65535:
@@ -99,12 +97,12 @@ class NodeConfig:
         _check_ifindex("bridge ifindex", self.bridge_ifindex)
         _check_ifindex("vxlan ifindex", self.vxlan_ifindex)
         for name in ("vtep_mac", "uplink_mac", "bridge_mac"):
-            if layout.mac_to_bytes(getattr(self, name))[0] & 1:
+            if is_multicast_mac(mac_bytes(getattr(self, name))):
                 raise ValueError(f"{name} {getattr(self, name)}: must be a unicast MAC")
 
-    def to_c(self) -> layout.LocalConfig:
+    def to_c(self) -> layout.FlLocalConfig:
         self.validate()
-        return layout.LocalConfig(
+        return layout.FlLocalConfig(
             configured=1,
             underlay_ip=layout.c_array(layout.Ip4, self.underlay_ip.packed),
             subnet_addr=layout.c_array(layout.Ip4, self.subnet.network_address.packed),
@@ -113,14 +111,14 @@ class NodeConfig:
             src_port_min=self.src_port_min, src_port_max=self.src_port_max, mtu=self.mtu,
             uplink_ifindex=self.uplink_ifindex, bridge_ifindex=self.bridge_ifindex,
             vxlan_ifindex=self.vxlan_ifindex,
-            vtep_mac=layout.c_array(layout.Mac, layout.mac_to_bytes(self.vtep_mac)),
-            uplink_mac=layout.c_array(layout.Mac, layout.mac_to_bytes(self.uplink_mac)),
-            bridge_mac=layout.c_array(layout.Mac, layout.mac_to_bytes(self.bridge_mac)),
+            vtep_mac=layout.c_array(layout.Mac, mac_bytes(self.vtep_mac)),
+            uplink_mac=layout.c_array(layout.Mac, mac_bytes(self.uplink_mac)),
+            bridge_mac=layout.c_array(layout.Mac, mac_bytes(self.bridge_mac)),
             gbp=int(self.gbp),
         )
 
     @classmethod
-    def from_c(cls, c: layout.LocalConfig) -> "NodeConfig":
+    def from_c(cls, c: layout.FlLocalConfig) -> "NodeConfig":
         return cls(
             underlay_ip=layout.bytes_to_ip4(c.underlay_ip),
             subnet=ipaddress.IPv4Network((bytes(c.subnet_addr), c.subnet_prefixlen)),
@@ -137,8 +135,8 @@ def _check_ifindex(what: str, value, required: bool = False) -> None:
         raise ValueError(f"{what} {value!r}: must be a {'positive' if required else 'non-negative'} interface index")
 
 
-def _lpm_key(subnet: ipaddress.IPv4Network) -> layout.LpmV4Key:
-    return layout.LpmV4Key(prefixlen=subnet.prefixlen,
+def _lpm_key(subnet: ipaddress.IPv4Network) -> layout.FlLpmV4Key:
+    return layout.FlLpmV4Key(prefixlen=subnet.prefixlen,
                            addr=layout.c_array(layout.Ip4, subnet.network_address.packed))
 
 
@@ -191,7 +189,7 @@ class DataPlaneMaps:
 
     def clear_local_config(self) -> None:
         """Programs go back to passing everything to the kernel."""
-        self._maps["fl_config"].update(layout.ArrayKey(0), layout.LocalConfig())
+        self._maps["fl_config"].update(layout.ArrayKey(0), layout.FlLocalConfig())
 
     # --- peers --------------------------------------------------------------
     def _load_peers(self) -> dict:
@@ -208,7 +206,7 @@ class DataPlaneMaps:
         add = sorted(ip for ip in candidates if self._ip_refs[ip] > 0)
         drop = [ip for ip in candidates if self._ip_refs[ip] <= 0]
         ips = self._maps["fl_peer_ips"]
-        ips.update_batch([_addr_key(ip) for ip in add], [layout.PeerIp(present=1) for _ in add])
+        ips.update_batch([_addr_key(ip) for ip in add], [layout.FlPeerIp(present=1) for _ in add])
         ips.delete_batch([_addr_key(ip) for ip in drop])
         for ip in drop:
             self._ip_refs.pop(ip, None)
@@ -221,8 +219,8 @@ class DataPlaneMaps:
         peers = self._load_peers()
         self._maps["fl_peers"].update_batch(
             [_lpm_key(e.subnet) for e in entries],
-            [layout.Peer(underlay_ip=layout.c_array(layout.Ip4, e.underlay_ip.packed),
-                         vtep_mac=layout.c_array(layout.Mac, layout.mac_to_bytes(e.vtep_mac)),
+            [layout.FlPeer(underlay_ip=layout.c_array(layout.Ip4, e.underlay_ip.packed),
+                         vtep_mac=layout.c_array(layout.Mac, mac_bytes(e.vtep_mac)),
                          mode=int(e.mode)) for e in entries])
         touched = set()
         for e in entries:
@@ -280,7 +278,7 @@ class DataPlaneMaps:
         entries = list({e.ip: e for e in entries}.values())
         self._maps["fl_endpoints"].update_batch(
             [_addr_key(e.ip) for e in entries],
-            [layout.Endpoint(ifindex=e.ifindex, mac=layout.c_array(layout.Mac, layout.mac_to_bytes(e.mac)))
+            [layout.FlEndpoint(ifindex=e.ifindex, mac=layout.c_array(layout.Mac, mac_bytes(e.mac)))
              for e in entries])
         return len(entries)
 
@@ -304,4 +302,4 @@ class DataPlaneMaps:
     def reset_counters(self) -> None:
         counters = self._maps["fl_counters"]
         for stat in layout.Stat:
-            counters.update(layout.ArrayKey(int(stat)), layout.Counter())
+            counters.update(layout.ArrayKey(int(stat)), layout.FlCounter())

@@ -14,17 +14,15 @@ from typing import Callable, Collection, Iterable
 from pyroute2 import IPRoute
 
 from flannel_bpf.loader.peer import Peer
-from flannel_bpf.loader.netlink.routes import (BackendError, NetlinkLookups, PeerBatches, PeerFailure, PeerRejected,
+from flannel_bpf.loader.netlink.routes import (NetlinkLookups, PeerBatches, PeerFailure, PeerRejected,
                                        delete_our_routes, delete_route, for_each_peer,
-                                       is_on_link, link_index, prune_our_routes,
+                                       link_index, prune_our_routes,
                                        reject_own_address, replace_route, require_link)
-
-__all__ = ["HostGwBackend", "Peer", "PeerFailure", "BackendError", "is_on_link"]
 
 log = logging.getLogger(__name__)
 
 
-class HostGwBackend(PeerBatches):
+class KernelHostGwBackend(PeerBatches):
     def __init__(self, *, uplink: str):
         self.uplink = uplink
 

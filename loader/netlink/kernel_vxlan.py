@@ -28,23 +28,20 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
-from flannel_bpf.loader.peer import MAX_VNI, Peer, normalize_mac
+from flannel_bpf.loader.netdefs import DEFAULT_VNI, DEFAULT_VXLAN_PORT, VXLAN_OVERHEAD, check_vni, check_vtep_mac
+from flannel_bpf.loader.peer import Peer
 from flannel_bpf.loader.netlink.routes import (BackendError, NetlinkLookups, OurRoute, PeerBatches, PeerFailure,
                                        PeerRejected, delete_our_routes, delete_route, for_each_peer,
-                                       is_on_link, link_index, our_route_table, prune_our_routes,
+                                       link_index, our_route_table, prune_our_routes,
                                        replace_route, require_link)
 
 log = logging.getLogger(__name__)
 
-VXLAN_OVERHEAD = 50        # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
-DEFAULT_VXLAN_PORT = 8472  # the Linux default, which flannel's Port 0 means
 IFNAMSIZ = 15
 _PERMANENT = ndmsg.states["permanent"]
 _NTF_SELF = ndmsg.flags["self"]
 
-__all__ = ["KernelVxlanBackend", "VxlanDevice", "Peer", "PeerFailure", "BackendError",
-           "is_on_link", "random_vtep_mac", "vxlan_device_name", "VXLAN_OVERHEAD",
-           "DEFAULT_VXLAN_PORT"]
+__all__ = ["KernelVxlanBackend", "VxlanDevice", "random_vtep_mac", "vxlan_device_name"]
 
 
 def random_vtep_mac() -> str:
@@ -72,14 +69,13 @@ class VxlanDevice:
 
 class KernelVxlanBackend(PeerBatches):
     def __init__(self, *, uplink: str, public_ip: IPv4Address | str, subnet: IPv4Network | str,
-                 vni: int = 1, port: int = 0, vtep_mac: str | None = None,
+                 vni: int = DEFAULT_VNI, port: int = 0, vtep_mac: str | None = None,
                  mtu: int | None = None, direct_routing: bool = False, learning: bool = False,
                  gbp: bool = False):
         """`subnet` is this node's own lease subnet; port 0 means the kernel default 8472;
         mtu None means uplink MTU - 50; vtep_mac None keeps an existing device's MAC or makes
         a random one."""
-        if isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni <= MAX_VNI:
-            raise ValueError(f"bad VNI {vni!r}: must be an integer 0..{MAX_VNI}")
+        check_vni(vni)
         if len(vxlan_device_name(vni)) > IFNAMSIZ:
             raise ValueError(f"VNI {vni} makes the device name {vxlan_device_name(vni)!r} "
                              f"longer than {IFNAMSIZ} characters")
@@ -92,7 +88,7 @@ class KernelVxlanBackend(PeerBatches):
         self.subnet = IPv4Network(subnet)
         self.vni = vni
         self.port = port or DEFAULT_VXLAN_PORT
-        self.vtep_mac = None if vtep_mac is None else normalize_mac(vtep_mac, "vtep_mac")
+        self.vtep_mac = None if vtep_mac is None else check_vtep_mac(vtep_mac, "vtep_mac")
         self.mtu = mtu
         self.direct_routing = direct_routing
         self.learning = learning

@@ -69,10 +69,10 @@ def test_endpoints(node):
 @pytest.mark.parametrize("make, message", [
     (lambda: PeerEntry.make("10.244.5.1/24", "198.18.0.5"), "not an IPv4 subnet"),
     (lambda: PeerEntry.make("10.244.5.0/24", "198.18.0"), "not an IPv4 address"),
-    (lambda: PeerEntry.make("10.244.5.0/24", "198.18.0.5", "02:00"), "not a MAC address"),
+    (lambda: PeerEntry.make("10.244.5.0/24", "198.18.0.5", "02:00"), "bad MAC address"),
     (lambda: PeerEntry.make("10.244.5.0/24", "198.18.0.5", mode="host-gw"), "peer mode 'host-gw'"),
     (lambda: EndpointEntry.make("10.244.1.9", 0, "02:cc:00:00:00:09"), "endpoint ifindex 0"),
-    (lambda: P.node_config(vni=1 << 24), "VNI 16777216"),
+    (lambda: P.node_config(vni=1 << 16), "VNI 65536"),
     (lambda: P.node_config(vxlan_port=0), "VXLAN port 0"),
     (lambda: P.node_config(mtu=600), "MTU 600"),
     (lambda: P.node_config(src_port_min=5000, src_port_max=5000), "source port range 5000-5000"),

@@ -9,8 +9,9 @@ from flannel_bpf.lab.topology import temporary_lab
 from pyroute2 import IPRoute
 
 from flannel_bpf.loader.netlink import kernel_vxlan
-from flannel_bpf.loader.netlink.host_gw import HostGwBackend
-from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend, Peer, random_vtep_mac
+from flannel_bpf.loader.netlink.host_gw import KernelHostGwBackend
+from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend, random_vtep_mac
+from flannel_bpf.loader.peer import Peer
 from flannel_bpf.loader.netns import in_netns
 from flannel_bpf.loader.netlink.routes import BackendError
 
@@ -174,7 +175,7 @@ def test_host_gw_as_flanneld_programs_it():
     with temporary_lab(prefix="tg", hosts=2) as lab:
         add_pods(lab, 1, 1500)
         h1, h2 = lab.hosts
-        backends = {h.index: HostGwBackend(uplink="eth0") for h in lab.hosts}
+        backends = {h.index: KernelHostGwBackend(uplink="eth0") for h in lab.hosts}
         peers = {h.index: Peer(subnet_of(h), h.ip) for h in lab.hosts}
         for h, other in ((h1, h2), (h2, h1)):
             with in_netns(h.netns):

@@ -34,7 +34,7 @@ def test_host_gw_cannot_be_mixed(backends):
     (LabSpec(hosts=0), "--hosts must be 1..50"),
     (LabSpec(pods=-1), "--pods must be 0..20"),
     (LabSpec(etcd_members=2), "--etcd must be 1 or 3"),
-    (LabSpec(vni=0), "--vni must be"),
+    (LabSpec(vni=65536), "bad --vni 65536: must be an integer 0..65535"),
     (LabSpec(hosts=3, backends=("bpf", "vxlan")), "names 2 backends for 3 hosts"),
     (LabSpec(hosts=2, backends=("bpf", "calico")), "unknown backend 'calico'"),
     (LabSpec(decap="ebpf"), "--decap must be"),

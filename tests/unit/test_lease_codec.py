@@ -83,10 +83,13 @@ def test_bad_keys(key, reason):
     (b'{"PublicIP":"10.0.0.1","PublicIPv6":5}', "PublicIPv6"),
     (b'{"PublicIP":"10.0.0.1","BackendType":7}', "BackendType is not a string"),
     (b'{"PublicIP":"10.0.0.1","BackendType":"vxlan"}', "no BackendData"),
-    (b'{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1}}', "VtepMAC None"),
-    (b'{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VtepMAC":"zz:zz"}}', "not a MAC"),
+    (b'{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1}}', "VtepMAC None: expected six hex bytes"),
+    (b'{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VtepMAC":"zz:zz"}}', "VtepMAC 'zz:zz': expected six hex bytes"),
     (b'{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":"1","VtepMAC":"02:00:00:00:00:01"}}',
-     "VNI '1' is not a VNI"),
+     "VNI '1': must be an integer 0..65535"),
+    # flannel reads the lease VNI as a uint16: a larger one is a lease no stock node can decode.
+    (b'{"PublicIP":"10.0.0.1","BackendType":"vxlan","BackendData":{"VNI":65536,"VtepMAC":"02:00:00:00:00:01"}}',
+     "VNI 65536: must be an integer 0..65535"),
 ])
 def test_malformed_values_raise_clear_errors(value, reason):
     with pytest.raises(LeaseFormatError, match=reason):
