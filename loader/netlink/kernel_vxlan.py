@@ -37,7 +37,6 @@ from flannel_bpf.loader.netlink.routes import (BackendError, NetlinkLookups, Our
 
 log = logging.getLogger(__name__)
 
-IFNAMSIZ = 15
 _PERMANENT = ndmsg.states["permanent"]
 _NTF_SELF = ndmsg.flags["self"]
 
@@ -76,9 +75,6 @@ class KernelVxlanBackend(PeerBatches):
         mtu None means uplink MTU - 50; vtep_mac None keeps an existing device's MAC or makes
         a random one."""
         check_vni(vni)
-        if len(vxlan_device_name(vni)) > IFNAMSIZ:
-            raise ValueError(f"VNI {vni} makes the device name {vxlan_device_name(vni)!r} "
-                             f"longer than {IFNAMSIZ} characters")
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"bad VXLAN port {port!r}: must be 0..65535")
         if mtu is not None and not 576 <= mtu <= 65535:

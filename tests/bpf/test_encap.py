@@ -162,12 +162,12 @@ def test_group_based_policy_flags_come_from_the_mark_as_the_kernel_writes_them(n
 
 
 def test_source_port_range_and_vxlan_settings_come_from_the_config(node):
-    node.maps.set_local_config(P.node_config(src_port_min=50000, src_port_max=50010, vni=0xABCDEF,
+    node.maps.set_local_config(P.node_config(src_port_min=50000, src_port_max=50010, vni=0xABCD,
                                              vxlan_port=4789, mtu=3000))
     pkt = udp_of_l3_len(2950)  # test-run takes at most a page
     out = Ether(node.run(PODS, pkt).result.data)
     assert 50000 <= out[UDP].sport < 50010
-    assert (out[UDP].dport, out["VXLAN"].vni) == (4789, 0xABCDEF)
+    assert (out[UDP].dport, out["VXLAN"].vni) == (4789, 0xABCD)
     assert node.run(PODS, udp_of_l3_len(2951)).stats == [Stat.PASS_OVERSIZE]
 
 

@@ -81,13 +81,13 @@ def test_bcc_sees_the_same_key_and_value_layout(programs, name):
 
 
 def test_config_written_by_python_reads_back_in_bccs_layout(programs, maps):
-    config = P.node_config(vni=0x123456, vxlan_port=4789, mtu=9000, src_port_min=40000, src_port_max=50000,
+    config = P.node_config(vni=0xBEEF, vxlan_port=4789, mtu=9000, src_port_min=40000, src_port_max=50000,
                            bridge_ifindex=7, vxlan_ifindex=8)
     maps.set_local_config(config)
     assert maps.get_local_config() == config
     table = programs.modules[0][b"fl_config"]
     leaf = table[table.Key(0)]
-    assert (leaf.configured, leaf.vni, leaf.vxlan_port, leaf.mtu) == (1, 0x123456, 4789, 9000)
+    assert (leaf.configured, leaf.vni, leaf.vxlan_port, leaf.mtu) == (1, 0xBEEF, 4789, 9000)
     assert (leaf.src_port_min, leaf.src_port_max, leaf.bridge_ifindex, leaf.vxlan_ifindex) == (40000, 50000, 7, 8)
     assert ipaddress.IPv4Address(leaf.underlay_ip.to_bytes(4, "little")) == ipaddress.IPv4Address(P.UNDERLAY_IP)
     assert layout.bytes_to_mac(bytes(leaf.vtep_mac)) == P.VTEP_MAC

@@ -167,8 +167,8 @@ def test_vxlan_device_reuse_replacement_and_peer_errors():
         Peer("10.244.2.1/24", "198.18.0.12", None)
     with pytest.raises(ValueError, match="peer public_ip"):
         Peer("10.244.2.0/24", "198.18.0.300", None)
-    with pytest.raises(ValueError, match="longer than 15"):
-        KernelVxlanBackend(uplink="eth0", public_ip="198.18.0.11", subnet="10.244.1.0/24", vni=16000000)
+    with pytest.raises(ValueError, match="bad VNI 65536"):
+        KernelVxlanBackend(uplink="eth0", public_ip="198.18.0.11", subnet="10.244.1.0/24", vni=65536)
 
 
 def test_host_gw_as_flanneld_programs_it():
