@@ -28,17 +28,21 @@ def render_subnet_env(network: IPv4Network, subnet: IPv4Network, mtu: int, ip_ma
 
 def write_subnet_env(path: str | os.PathLike, network: IPv4Network, subnet: IPv4Network, mtu: int,
                      ip_masq: bool) -> None:
-    """Write subnet.env atomically (temp file in the same directory, fsync, rename), mode 0644."""
+    write_atomically(path, render_subnet_env(network, subnet, mtu, ip_masq).encode())
+
+
+def write_atomically(path: str | os.PathLike, content: bytes, mode: int = 0o644) -> None:
+    """Readers see the old file or the new one, never a part: temp file in the same directory,
+    fsync, rename."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    content = render_subnet_env(network, subnet, mtu, ip_masq).encode()
     fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "wb") as temp_file:
             temp_file.write(content)
             temp_file.flush()
             os.fsync(temp_file.fileno())
-        os.chmod(temp_name, 0o644)
+        os.chmod(temp_name, mode)
         os.replace(temp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -49,15 +53,62 @@ def write_subnet_env(path: str | os.PathLike, network: IPv4Network, subnet: IPv4
 def read_subnet_env(path: str | os.PathLike) -> dict[str, str]:
     """The KEY=VALUE pairs of a subnet.env; {} when the file does not exist."""
     try:
-        text = Path(path).read_text(errors="replace")
+        return _parse(Path(path).read_text(errors="replace"))
     except FileNotFoundError:
         return {}
+
+
+def _parse(text: str) -> dict[str, str]:
     values = {}
     for line in text.splitlines():
         key, sep, value = line.strip().partition("=")
         if sep and key:
             values[key] = value
     return values
+
+
+class SubnetEnvError(ValueError):
+    """A subnet.env that is missing or not a whole one (one line naming the file and the fault)."""
+
+
+SUBNET_ENV_KEYS = ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ")
+
+
+def load_complete_subnet_env(path: str | os.PathLike) -> dict[str, str]:
+    """The variables of a subnet.env that holds all four of flanneld's, each well-formed, and
+    ends with its last line's newline; SubnetEnvError otherwise. For readers that hand the
+    values on (docker-opts): a half-written file must stop them, not give Docker half a config."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        raise SubnetEnvError(f"{path}: no such file (flannel-bpf attach writes it once it holds a lease)") from None
+    except OSError as exc:
+        raise SubnetEnvError(f"{path}: {exc.strerror}") from None
+    if not text.endswith("\n"):
+        raise SubnetEnvError(f"{path}: {'empty' if not text else 'ends mid-line'}: not a whole subnet.env")
+    values = _parse(text)
+    missing = [key for key in SUBNET_ENV_KEYS if not values.get(key)]
+    if missing:
+        raise SubnetEnvError(f"{path}: half-written subnet.env, no {', '.join(missing)}")
+    for key in SUBNET_ENV_KEYS:
+        if not _well_formed(key, values[key]):
+            raise SubnetEnvError(f"{path}: {key}={values[key]!r} is not what flanneld writes")
+    return values
+
+
+def _well_formed(key: str, value: str) -> bool:
+    try:
+        if key == "FLANNEL_NETWORK":
+            IPv4Network(value)
+        elif key == "FLANNEL_SUBNET":
+            IPv4Interface(value)
+        elif key == "FLANNEL_MTU":
+            return 68 <= int(value) <= 65535
+        else:
+            return value in ("true", "false")
+    except ValueError:
+        return False
+    return True
 
 
 def read_previous_subnet(path: str | os.PathLike) -> IPv4Network | None:
