@@ -8,7 +8,8 @@ say() { printf 'setup: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (BPF, netns, apt)" >&2; exit 1; }
 
 DEBS=(python3-bpfcc python3-venv etcd-server iproute2 iperf3 ethtool tcpdump iptables
-      linux-headers-amd64 libbpf1 procps iputils-ping sockperf curl)
+      linux-headers-amd64 libbpf1 procps iputils-ping sockperf curl
+      docker.io supervisor busybox-static systemd)  # the install-by-hand tests: real dockerd, supervisord, systemd-analyze
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -21,6 +22,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   # The etcd package may start a system etcd on 2379; flannel-bpf runs its own instances only.
   if printf '%s\n' "${missing[@]}" | grep -qx etcd-server; then
     { service etcd stop || pkill -f '^/usr/bin/etcd$'; } >/dev/null 2>&1 && say "stopped the etcd service the package started" || true
+  fi
+  # Likewise Docker and supervisor: the tests run their own dockerd and supervisord in namespaces.
+  if printf '%s\n' "${missing[@]}" | grep -qxE 'docker.io|supervisor'; then
+    for svc in docker containerd supervisor; do service "$svc" stop >/dev/null 2>&1 || true; done
   fi
 else
   say "Debian packages present"

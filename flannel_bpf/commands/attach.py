@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     registry = SubnetRegistry(etcd)
     agent = Agent(registry, uplink, options)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGQUIT: supervisor's stopsignal in the setups flanneld users copy.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, lambda *_: agent.stop())
     try:
         agent.run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 
 from flannel_bpf.controller.docker_opts import DEFAULT_COMBINED_KEY, DEFAULT_DOCKER_ENV, render_docker_env
 from flannel_bpf.controller.subnet_env import SubnetEnvError, load_complete_subnet_env, write_atomically
@@ -33,12 +34,27 @@ def add_parser(sub) -> None:
                         help="write what today's mk-docker-opts.sh writes: --ip-masq=false only when "
                              "flannel masquerades (default: the older script's output, which the "
                              "guides show: --ip-masq=true when flannel does not masquerade)")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long for a whole subnet.env (for a unit started with "
+                             "the agent; default 0: fail at once)")
     parser.set_defaults(handler=run)
+
+
+def wait_for_subnet_env(path: str, timeout: float) -> dict[str, str]:
+    """A whole subnet.env, waiting up to `timeout` s for the agent to write one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return load_complete_subnet_env(path)
+        except SubnetEnvError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        subnet_env = load_complete_subnet_env(args.subnet_file)
+        subnet_env = wait_for_subnet_env(args.subnet_file, args.wait)
     except SubnetEnvError as err:
         log.error("%s; %s left as it was", err, args.docker_env)
         return 1

@@ -5,11 +5,14 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
+from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
 
 from flannel_bpf.cli import main
+from flannel_bpf.controller.subnet_env import write_subnet_env
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "fixtures" / "mk-docker-opts"
 OLDER = SCRIPTS / "mk-docker-opts-older.sh"     # run by /bin/sh (dash), as its #! says
@@ -124,3 +127,15 @@ def test_missing_or_half_written_subnet_env_is_refused(tmp_path, capsys, case):
     assert out.read_text() == 'DOCKER_OPTS=" --bip=10.0.3.1/24"\n'
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 1 and "ERROR" in errors[0] and str(subnet_env) in errors[0]
+
+
+def test_wait_takes_the_subnet_env_the_agent_writes_meanwhile(tmp_path):
+    subnet_env, out = tmp_path / "subnet.env", tmp_path / "docker_opts.env"
+    writer = threading.Timer(0.5, lambda: write_subnet_env(subnet_env, IPv4Network("10.0.0.0/16"),
+                                                           IPv4Network("10.0.4.0/24"), 1450, False))
+    writer.start()
+    try:
+        assert main(["docker-opts", "--wait", "20", "-c", "-f", str(subnet_env), "-d", str(out)]) == 0
+    finally:
+        writer.join()
+    assert out.read_text() == 'DOCKER_OPTS=" --bip=10.0.4.1/24 --ip-masq=true --mtu=1450"\n'
