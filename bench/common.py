@@ -13,6 +13,7 @@ A metric that could not be measured has value None and, when it has a target, ok
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -22,10 +23,22 @@ import operator
 import os
 import platform
 import re
+import shutil
 import signal
+import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from pyroute2 import IPRoute
+from rich.logging import RichHandler
+from rich.table import Table
+
+from flannel_bpf.console import make_console
+from flannel_bpf.lab.netns import create_netns, pids_in_netns, remove_netns
+from flannel_bpf.loader.bpf.attach import unlink_pins
+from flannel_bpf.loader.netns import in_netns, list_netns
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +128,6 @@ def _format_value(value) -> str:
 
 def print_table(results: list[dict], title: str, console=None) -> None:
     """The results as a rich table: metric, value, unit, target, verdict, note."""
-    from flannel_bpf.console import make_console
-    from rich.table import Table
-
     console = console or make_console()
     table = Table(title=title, show_lines=False, title_justify="left")
     for column, justify in (("metric", "left"), ("value", "right"), ("unit", "left"), ("target", "left"),
@@ -167,8 +177,6 @@ def wait_until(condition, timeout: float, interval: float = 0.05, what: str = "c
 @contextlib.contextmanager
 def bench_pin_dir(tag: str) -> Iterator[str]:
     """A bpffs directory for this run's maps and programs, removed afterwards."""
-    from flannel_bpf.loader.bpf.attach import unlink_pins
-
     path = BENCH_PIN_ROOT / tag
     try:
         yield str(path)
@@ -187,10 +195,6 @@ def scratch_netns(tag: str, *, uplink: bool = True) -> Iterator[str]:
     """A throwaway network namespace with lo up and, with `uplink`, a veth pair whose `eth0`
     end holds 198.18.0.1/15 (the other end stays in the namespace too: nothing leads out).
     Processes left inside are killed and the namespace removed, also on failure."""
-    from pyroute2 import IPRoute
-
-    from flannel_bpf.loader.netns import create_netns, in_netns
-
     name = scratch_netns_name(tag)
     create_netns(name)
     try:
@@ -210,8 +214,6 @@ def scratch_netns(tag: str, *, uplink: bool = True) -> Iterator[str]:
 def remove_scratch_netns(name: str, grace: float = 3.0) -> None:
     """Kill what still runs in namespace `name` (it was made by a benchmark, so whatever runs
     there was started by one) and remove the namespace."""
-    from flannel_bpf.loader.netns import pids_in_netns, remove_netns
-
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = [pid for pid in pids_in_netns(name) if pid != os.getpid()]
         if not pids:
@@ -238,9 +240,6 @@ def pid_alive(pid: int) -> bool:
 def remove_stale(exclude_pid: int | None = None) -> list[str]:
     """Namespaces and pin directories left by benchmark runs whose process is gone (killed
     runs cannot clean up after themselves). Returns what was removed."""
-    from flannel_bpf.loader.bpf.attach import unlink_pins
-    from flannel_bpf.loader.netns import list_netns
-
     own = os.getpid() if exclude_pid is None else exclude_pid
     removed = []
     for name in list_netns():
@@ -269,7 +268,6 @@ def process_memory(pid: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------- kernel profiles
 
 def perf_available() -> bool:
-    import shutil
     return shutil.which("perf") is not None
 
 
@@ -277,8 +275,6 @@ def perf_available() -> bool:
 def perf_record(path: Path | str, seconds: float, delay: float = 0.0) -> Iterator[None]:
     """System-wide cpu-clock samples with call chains, for `seconds` after `delay`, taken in
     the background while the block runs (it should last at least delay + seconds)."""
-    import subprocess
-
     argv = ["perf", "record", "-q", "-e", "cpu-clock", "-a", "-g", "-o", str(path)]
     if delay > 0:
         argv += ["-D", str(int(delay * 1000))]
@@ -297,9 +293,6 @@ def perf_record(path: Path | str, seconds: float, delay: float = 0.0) -> Iterato
 def summarize_perf(path: Path | str, anchor: str, top: int = 12) -> dict:
     """Of the samples whose call chain has a symbol containing `anchor` (a BPF program's name,
     or bpf_test_run): how many, and the leaf functions by share (where that time goes)."""
-    import subprocess
-    from collections import Counter
-
     try:
         out = subprocess.run(["perf", "script", "-i", str(path), "-F", "ip,sym"], capture_output=True,
                              text=True, timeout=180).stdout
@@ -325,11 +318,6 @@ def summarize_perf(path: Path | str, anchor: str, top: int = 12) -> dict:
 def run_cli(benchmark: str, description: str, add_arguments, run) -> int:
     """`python -m flannel_bpf.lab.bench_<x>`: parse flags, run, print the table, write JSON.
     `add_arguments(parser)` adds the benchmark's flags; `run(args)` returns (results, params)."""
-    import argparse
-
-    from flannel_bpf.console import make_console
-    from rich.logging import RichHandler
-
     parser = argparse.ArgumentParser(prog=f"python -m flannel_bpf.lab.bench_{benchmark}", description=description)
     parser.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON results (default bench-results)")
     parser.add_argument("-v", "--verbose", action="store_true")

@@ -31,22 +31,41 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from flannel_bpf.bench.common import (RUN_PREFIX, SCRATCH_UPLINK, SCRATCH_UPLINK_ADDRESS, Deadline,
-                                          bench_pin_dir, metric, percentile, process_memory, ratio,
-                                          remove_stale, run_cli, scratch_netns, wait_until)
+import etcd3
+from prometheus_client.parser import text_string_to_metric_families
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import ndmsg
+
+from flannel_bpf.bench.common import (Deadline, RUN_PREFIX, SCRATCH_UPLINK, SCRATCH_UPLINK_ADDRESS, bench_pin_dir,
+                                      metric, percentile, process_memory, ratio, remove_stale, run_cli, scratch_netns,
+                                      wait_until)
+from flannel_bpf.controller.backends import peer_of
+from flannel_bpf.controller.lease import LeaseAttrs, encode_lease_value, subnet_key, vxlan_backend_data
+from flannel_bpf.controller.registry import EtcdOptions, SubnetRegistry, parse_endpoint
+from flannel_bpf.lab.etcd import EtcdCluster, EtcdMember, free_port
+from flannel_bpf.lab.run import nsenter_argv
+from flannel_bpf.loader.bpf import layout
+from flannel_bpf.loader.bpf.layout import PeerMode
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps, PeerEntry
+from flannel_bpf.loader.bpf.program import load_programs
+from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend
+from flannel_bpf.loader.netlink.routes import replace_route
 
 log = logging.getLogger(__name__)
 
-COLD_TARGET_S = 2.0             # issue 5: 10,000 leases programmed from cold in <= 2 s
+COLD_TARGET_S = 2.0             # target: 10,000 leases programmed from cold in <= 2 s
 NETLINK_RATIO_TARGET = 10.0     # ... and at least 10x faster than netlink
 LEASE_P99_TARGET_MS = 50.0      # lease put -> map entry p99 <= 50 ms
 TARGET_SIZE = 10_000
@@ -75,8 +94,6 @@ def peer_ip(index: int) -> ipaddress.IPv4Address:
 
 def peer_lease_value(index: int) -> bytes:
     """The etcd value flanneld's vxlan backend would write for peer `index`."""
-    from flannel_bpf.controller.lease import LeaseAttrs, encode_lease_value, vxlan_backend_data
-
     ip = peer_ip(index)
     mac = "0e:2a:%02x:%02x:%02x:%02x" % tuple(ip.packed)
     return encode_lease_value(LeaseAttrs(ip, "vxlan", vxlan_backend_data(1, mac)))
@@ -112,8 +129,6 @@ def measure_control(*, sizes: tuple[int, ...] = (1000, TARGET_SIZE), puts: int =
     # Generous: every budget spent, plus start-ups (compiles, etcd writes) on a busy machine.
     timeout = 120 + len(sizes) * (2 * netlink_budget + (agent_budget + 60) * agent) + puts * PUT_TIMEOUT
     with contextlib.ExitStack() as stack:
-        from flannel_bpf.lab.etcd import EtcdCluster, EtcdMember
-
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flannel-bpf-bench-")))
         netns = stack.enter_context(scratch_netns("ctl"))
         params["pin_root"] = stack.enter_context(bench_pin_dir("ctl"))
@@ -125,8 +140,6 @@ def measure_control(*, sizes: tuple[int, ...] = (1000, TARGET_SIZE), puts: int =
 
 
 def _run_worker(netns: str, params: dict, timeout: float, log_path: Path) -> list[dict]:
-    from flannel_bpf.lab.run import nsenter_argv
-
     argv = nsenter_argv(netns, [sys.executable, "-m", "flannel_bpf.bench.control", "--worker",
                                 json.dumps(params)])
     with open(log_path, "w") as stderr:
@@ -151,9 +164,6 @@ class Etcd:
     """The worker's etcd access: the project's registry (as agents use it) and raw puts."""
 
     def __init__(self, endpoint: str):
-        import etcd3
-
-        from flannel_bpf.controller.registry import parse_endpoint
         _, host, port = parse_endpoint(endpoint)
         self.endpoint = endpoint
         self.client = etcd3.client(host=host, port=port, timeout=10)
@@ -168,7 +178,6 @@ class Etcd:
                                                          for k, v in items[start:start + batch]], failure=[])
 
     def registry(self, prefix: str):
-        from flannel_bpf.controller.registry import EtcdOptions, SubnetRegistry
         return SubnetRegistry(EtcdOptions(endpoints=(self.endpoint,), prefix=prefix))
 
     def close(self) -> None:
@@ -180,7 +189,6 @@ def _prefix(tag: str) -> str:
 
 
 def _lease_key(prefix: str, index: int) -> str:
-    from flannel_bpf.controller.lease import subnet_key
     return subnet_key(prefix, peer_subnet(index))
 
 
@@ -206,9 +214,6 @@ def _time_listing(etcd: Etcd, prefix: str, size: int) -> tuple[float, list]:
 
 def _time_map_programming(maps, leases: list) -> float:
     """Cold: empty maps, then every lease into fl_peers (and fl_peer_ips) in one batch."""
-    from flannel_bpf.loader.bpf.layout import PeerMode
-    from flannel_bpf.loader.bpf.maps import PeerEntry
-
     maps.sync_peers([])
     start = time.perf_counter()
     maps.upsert_peers(PeerEntry.make(lease.subnet, lease.public_ip, lease.vtep_mac, PeerMode.VXLAN)
@@ -222,7 +227,6 @@ def _time_map_programming(maps, leases: list) -> float:
 
 
 def _peers_of(leases: list) -> list:
-    from flannel_bpf.controller.backends import peer_of
     return [peer_of(lease) for lease in leases]
 
 
@@ -245,8 +249,6 @@ def _bounded(peers: list, apply_chunk, budget: float, chunk: int = 100) -> Bound
 
 
 def _fresh_vxlan():
-    from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend
-
     backend = KernelVxlanBackend(uplink=SCRATCH_UPLINK, public_ip=SCRATCH_UPLINK_ADDRESS,
                                  subnet=peer_subnet(MAX_PEERS))
     backend.teardown()
@@ -255,11 +257,6 @@ def _fresh_vxlan():
 
 def _time_netlink_flanneld(peers: list, budget: float) -> BoundedRun:
     """Per peer what flannel's vxlan backend does: neighbour, FDB entry, route."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.rtnl import ndmsg
-
-    from flannel_bpf.loader.netlink.routes import replace_route
-
     backend, device = _fresh_vxlan()
     permanent, self_flag = ndmsg.states["permanent"], ndmsg.flags["self"]
     try:
@@ -295,8 +292,6 @@ class AgentRun:
     """A `flannel-bpf attach` process in this (the worker's) namespace, on prefix `prefix`."""
 
     def __init__(self, etcd: Etcd, prefix: str, pin_dir: str, workdir: Path, tag: str):
-        from flannel_bpf.lab.etcd import free_port
-
         self.pin_dir = pin_dir
         self.healthz_port = free_port()
         self.log_path = workdir / f"agent-{tag}.log"
@@ -324,7 +319,6 @@ class AgentRun:
         """The agent's programs are loaded and its node config written."""
         self.check_running()
         if self.maps is None:
-            from flannel_bpf.loader.bpf.maps import DataPlaneMaps
             try:
                 self.maps = DataPlaneMaps(self.pin_dir)
             except (FileNotFoundError, OSError):
@@ -332,7 +326,6 @@ class AgentRun:
         return self.maps.get_local_config() is not None
 
     def has_peer(self, subnet: ipaddress.IPv4Network) -> bool:
-        from flannel_bpf.loader.bpf import layout
         key = layout.FlLpmV4Key(prefixlen=subnet.prefixlen,
                               addr=layout.c_array(layout.Ip4, subnet.network_address.packed))
         # An LPM lookup also matches a covering prefix; the benchmark's subnets are all
@@ -352,9 +345,6 @@ class AgentRun:
 
     def gauge(self, name: str) -> float | None:
         """One gauge of the agent's /metrics (None when absent or unreachable)."""
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.healthz_port}/metrics", timeout=5) as reply:
                 text = reply.read().decode()
@@ -366,9 +356,6 @@ class AgentRun:
         return None
 
     def ready(self) -> bool:
-        import urllib.error
-        import urllib.request
-
         self.check_running()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.healthz_port}/readyz", timeout=1) as reply:
@@ -394,8 +381,6 @@ class AgentRun:
 
 def _profile(pid: int, seconds: float, path: Path) -> subprocess.Popen | None:
     """py-spy sampling the agent for `seconds` (non-blocking: the agent is never paused)."""
-    import shutil
-
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         log.warning("py-spy not found: no profile (pip install py-spy, in the bench extras)")
@@ -645,8 +630,6 @@ def _in_process(etcd: Etcd, size: int, maps, params: dict) -> list[dict]:
 
 
 def worker(params: dict) -> list[dict]:
-    from flannel_bpf.loader.bpf.program import load_programs
-
     etcd = Etcd(params["etcd_endpoint"])
     results = []
     try:

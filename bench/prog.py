@@ -33,24 +33,34 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import json
 import logging
 import os
 import re
 import struct
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flannel_bpf.bench.common import (bench_pin_dir, median, metric, percentile, perf_available,
-                                          perf_record, run_cli, summarize_perf, wait_until)
-from flannel_bpf.loader.bpf.layout import (STAT_ACTION, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP,
-                                       XDP_PASS, Action, PeerMode, Stat)
+from flannel_bpf.bench.common import (bench_pin_dir, median, metric, percentile, perf_available, perf_record,
+                                      pid_alive, run_cli, summarize_perf, wait_until)
+from flannel_bpf.bench.testrun import SkBuff, prog_test_run
+from flannel_bpf.lab.orchestrator import LabSpec, counter_deltas, down, read_counters, up
+from flannel_bpf.lab.run import ping, popen_in_netns, run_in_netns
+from flannel_bpf.lab.topology import destroy, list_labs
+from flannel_bpf.loader.bpf import bpfsys
+from flannel_bpf.loader.bpf.attach import open_pinned
+from flannel_bpf.loader.bpf.layout import (Action, PeerMode, STAT_ACTION, Stat, TC_ACT_OK, TC_ACT_REDIRECT,
+                                           TC_ACT_SHOT, XDP_DROP, XDP_PASS)
 from flannel_bpf.loader.bpf.maps import DataPlaneMaps, EndpointEntry, NodeConfig, PeerEntry
+from flannel_bpf.loader.bpf.program import (LoadError, PROGRAMS, check_pin_dir, ebpf_dir, expand_source, load_programs,
+                                            program_pin)
 
 log = logging.getLogger(__name__)
 
-XDP_DECAP_TARGET_NS = 60     # issue 5: XDP decap (test-run) <= 60 ns
-ENCAP_LIVE_TARGET_NS = 200   # issue 5: encap program cost (live) <= 200 ns
+XDP_DECAP_TARGET_NS = 60     # target: XDP decap (test-run) <= 60 ns
+ENCAP_LIVE_TARGET_NS = 200   # target: encap program cost (live) <= 200 ns
 
 # ---------------------------------------------------------------------------- the node
 
@@ -255,8 +265,6 @@ def _substitute_once(pattern: str, replacement: str, text: str, what: str) -> st
 
 def timing_variant_source(source: str, programs: list[str]) -> str:
     """The source file `source` (under ebpf/) with `programs` wrapped as the module note says."""
-    from flannel_bpf.loader.bpf.program import PROGRAMS, ebpf_dir, expand_source
-
     text = expand_source(ebpf_dir() / source)
     if source == "tc_route.c":
         text = "#define FL_BENCH_ENCAP_FLAGS BPF_F_ADJ_ROOM_FIXED_GSO\n" + _substitute_once(
@@ -294,7 +302,6 @@ def load_bench_programs(pin_dir: str) -> BenchPrograms:
     """Compile and load everything the test-run benchmark times, sharing maps in `pin_dir`."""
     from bcc import BPF
 
-    from flannel_bpf.loader.bpf.program import PROGRAMS, LoadError, check_pin_dir, load_programs
 
     pin_dir = check_pin_dir(pin_dir)
     types = {"sched_cls": BPF.SCHED_CLS, "xdp": BPF.XDP}
@@ -325,7 +332,6 @@ def load_bench_programs(pin_dir: str) -> BenchPrograms:
 # ---------------------------------------------------------------------------- test-run
 
 def _ctx(program: str):
-    from flannel_bpf.bench.testrun import SkBuff
     return None if program.startswith("xdp") else SkBuff(ifindex=LO_IFINDEX)
 
 
@@ -339,8 +345,6 @@ def _steady(fd: int, case: ProgCase, maps: DataPlaneMaps, repeat: int, rounds: i
             restored: bool) -> tuple[list[int], str | None]:
     """Per-round average ns/packet of `rounds` syscalls of `repeat` runs; and a problem, if
     the runs were not all the expected verdict on the expected packet."""
-    from flannel_bpf.bench.testrun import prog_test_run
-
     durations, problem = [], None
     for _ in range(rounds):
         before = maps.read_counters()
@@ -360,8 +364,6 @@ def _steady(fd: int, case: ProgCase, maps: DataPlaneMaps, repeat: int, rounds: i
 
 
 def _single_shots(fd: int, packet: bytes, program: str, count: int) -> list[int]:
-    from flannel_bpf.bench.testrun import prog_test_run
-
     return [prog_test_run(fd, packet, ctx=_ctx(program), repeat=1).duration_ns for _ in range(count)]
 
 
@@ -423,8 +425,6 @@ def _profile_path(profile_dir, tag: str) -> Path:
 def _profile_case(fd: int, case: ProgCase, path: Path, seconds: float = 2.0) -> tuple[dict, str]:
     """perf samples of the timing variant running `case` for `seconds`: the share of each
     leaf function under bpf_test_run (harness, program, helpers)."""
-    from flannel_bpf.bench.testrun import prog_test_run
-
     with perf_record(path, seconds, delay=0.2):
         end = time.monotonic() + seconds + 0.5
         while time.monotonic() < end:
@@ -433,8 +433,6 @@ def _profile_case(fd: int, case: ProgCase, path: Path, seconds: float = 2.0) -> 
 
 
 def _empty_baselines(programs: BenchPrograms, single_shots: int, repeat: int, rounds: int) -> list[dict]:
-    from flannel_bpf.bench.testrun import prog_test_run
-
     out = []
     packets = {"tc": from_pod("10.244.9.9"), "xdp": udp_to_host()}
     for kind, fd in programs.empty.items():
@@ -478,8 +476,6 @@ BPF_STATS_RUN_TIME = 0
 def bpf_run_time_stats():
     """Program run-time statistics on while the block runs (what kernel.bpf_stats_enabled=1
     does), off again when the fd closes: also if this process dies."""
-    from flannel_bpf.loader.bpf import bpfsys
-
     libbpf = bpfsys.libbpf()
     libbpf.bpf_enable_stats.argtypes = [ctypes.c_int]
     libbpf.bpf_enable_stats.restype = ctypes.c_int
@@ -514,9 +510,6 @@ def live_lab_name(hook: str) -> str:
 
 def remove_stale_labs() -> list[str]:
     """Live-benchmark labs left by runs whose process is gone."""
-    from flannel_bpf.bench.common import pid_alive
-    from flannel_bpf.lab.topology import destroy, list_labs
-
     removed = []
     for name in list_labs():
         match = _LIVE_LAB.match(name)
@@ -527,9 +520,6 @@ def remove_stale_labs() -> list[str]:
 
 
 def _open_programs(pin_dir: str) -> dict[str, int]:
-    from flannel_bpf.loader.bpf.attach import open_pinned
-    from flannel_bpf.loader.bpf.program import program_pin
-
     fds = {}
     for name in LIVE_PROGRAMS:
         path = program_pin(pin_dir, name)
@@ -540,11 +530,6 @@ def _open_programs(pin_dir: str) -> dict[str, int]:
 
 def _iperf(client_ns: str, server_ns: str, server_ip: str, kind: str, duration: float) -> dict:
     """One bounded iperf3 run; its JSON summary."""
-    import json
-    import subprocess
-
-    from flannel_bpf.lab.run import popen_in_netns, run_in_netns
-
     server = popen_in_netns(server_ns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -567,9 +552,6 @@ def _iperf(client_ns: str, server_ns: str, server_ip: str, kind: str, duration: 
 
 def _live_lab(hook: str, duration: float, traffic: tuple[str, ...], profile: bool,
               profile_dir) -> list[dict]:
-    from flannel_bpf.lab.orchestrator import LabSpec, counter_deltas, down, read_counters, up
-    from flannel_bpf.lab.run import ping
-
     name = live_lab_name(hook)
     results = []
     lab = up(LabSpec(name=name, hosts=2, pods=1, backend="bpf", decap=hook))

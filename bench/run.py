@@ -1,4 +1,4 @@
-"""`flannel-bpf lab bench`: every benchmark of issue 5 in one run, one table, one JSON, one chart.
+"""`flannel-bpf lab bench`: every benchmark in one run, one table, one JSON, one chart.
 
 Parts (each its own module, each returning plain result records, see bench_common.metric):
 - net      pod to pod across hosts for every backend and the bare underlay (bench_net)
@@ -10,7 +10,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from rich.table import Table
+
+from flannel_bpf.bench import control as bench_control
+from flannel_bpf.bench import net as bench_net
+from flannel_bpf.bench import prog as bench_prog
 from flannel_bpf.bench.common import RESULTS_DIR, print_table, remove_stale, write_json
+from flannel_bpf.console import make_console
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +34,10 @@ def run(parts: tuple[str, ...] = PARTS, *, rounds: int = 3, seconds: float = 5.0
     for what in remove_stale():
         log.info("removed %s left by an earlier run", what)
     if "net" in parts:
-        from flannel_bpf.bench import net as bench_net
         net, _ = bench_net.run(rounds=1 if quick else rounds, seconds=1.0 if quick else seconds,
                                progress=progress)
         results += net
     if "prog" in parts:
-        from flannel_bpf.bench import prog as bench_prog
         if quick:
             results += bench_prog.measure_testrun(repeat=1000, rounds=1, single_shots=50, extra_peers=10,
                                                   profile=False)
@@ -41,7 +45,6 @@ def run(parts: tuple[str, ...] = PARTS, *, rounds: int = 3, seconds: float = 5.0
             results += bench_prog.measure_testrun()
             results += bench_prog.measure_live(duration=seconds)
     if "control" in parts:
-        from flannel_bpf.bench import control as bench_control
         if quick:
             results += bench_control.measure_control(sizes=(50,), puts=10, netlink_budget=30, agent_budget=60,
                                                      profile=False)
@@ -52,9 +55,6 @@ def run(parts: tuple[str, ...] = PARTS, *, rounds: int = 3, seconds: float = 5.0
 
 def net_table(results: list[dict], console=None) -> None:
     """The network figures side by side, each path a row, with ratios to kernel vxlan."""
-    from flannel_bpf.console import make_console
-    from rich.table import Table
-
     by_path: dict[str, dict[str, dict]] = {}
     for record in results:
         parts = record["metric"].split(".")
@@ -115,7 +115,6 @@ def chart(results: list[dict], path: Path) -> Path | None:
 
 
 def report(results: list[dict], params: dict, out: Path = RESULTS_DIR, console=None) -> tuple[Path, Path | None]:
-    from flannel_bpf.console import make_console
     console = console or make_console()
     net_table(results, console)
     print_table(results, "flannel-bpf lab bench: every figure", console)

@@ -19,15 +19,18 @@ import threading
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 
+from flannel_bpf.controller.backends import BACKENDS
+from flannel_bpf.controller.coalesce import CoalescingWorker
 from flannel_bpf.controller.config import NetworkConfig
 from flannel_bpf.controller.flags import FlagError, load_network_config, renew_margin_seconds
+from flannel_bpf.controller.health import HealthServer
+from flannel_bpf.controller.ipmasq import IpMasq
 from flannel_bpf.controller.lease import Lease, node_lease_attrs
+from flannel_bpf.controller.netlink_waker import NetlinkWaker
 from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.registry import SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, SubnetManager
 from flannel_bpf.controller.uplink import Uplink
-from flannel_bpf.controller.coalesce import CoalescingWorker
-from flannel_bpf.controller.netlink_waker import NetlinkWaker
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,6 @@ class Agent:
             self.shutdown()
 
     def start(self) -> Lease:
-        from flannel_bpf.controller.backends import BACKENDS
 
         self.config = self._load_config()
         backend_type = self.config.backend.type
@@ -196,7 +198,6 @@ class Agent:
     def _masquerade(self, subnet: IPv4Network) -> None:
         """flanneld's masq rules for our subnet (apply() rebuilds the chain, so a changed
         subnet replaces the old rules)."""
-        from flannel_bpf.controller.ipmasq import IpMasq
         self.masq = IpMasq(self.config.network, subnet)
         self.masq.apply()
 
@@ -208,7 +209,6 @@ class Agent:
     def _start_health(self) -> None:
         if not self.options.healthz_port:
             return
-        from flannel_bpf.controller.health import HealthServer
         self.health = HealthServer(self.options.healthz_ip, self.options.healthz_port, self.is_ready,
                                    self.metrics_snapshot)
         self.health.start()

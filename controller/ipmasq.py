@@ -18,7 +18,7 @@ class IpMasqError(RuntimeError):
 
 
 def masq_rules(network: IPv4Network, subnet: IPv4Network) -> list[list[str]]:
-    """The chain's rules in flanneld's order (shared/flannel-compat.md)."""
+    """The chain's rules in flanneld's order."""
     net, sub = str(network), str(subnet)
     return [
         ["-m", "mark", "--mark", "0x4000/0x4000", *COMMENT, "-j", "RETURN"],

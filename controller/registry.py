@@ -88,10 +88,6 @@ class EtcdOptions:
     def config_key(self) -> str:
         return f"{self.prefix.rstrip('/')}/config"
 
-    @property
-    def uses_tls(self) -> bool:
-        return bool(self.certfile) or any(parse_endpoint(e)[0] == "https" for e in self.endpoints)
-
 
 def parse_endpoint(endpoint: str) -> tuple[str, str, int]:
     """(scheme, host, port) of an etcd client URL such as http://127.0.0.1:2379."""

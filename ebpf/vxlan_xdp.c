@@ -5,7 +5,7 @@
  *
  *   xdp_decap  XDP: strip the outer 50 bytes and pass the inner packet up the
  *              stack, which routes it to the pod. The right hook on real NICs;
- *              on a veth it costs the peer its TSO (shared/bpf-notes.md).
+ *              on a veth it costs the peer its TSO (docs/performance.md).
  *   tc_decap   tc ingress: for a pod of this node, strip the outer headers and
  *              hand the packet straight to the pod (bpf_redirect_peer), past
  *              the bridge; anything else is left to the kernel vxlan device.

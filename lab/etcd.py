@@ -164,10 +164,6 @@ class EtcdCluster:
         return [m.client_url for m in self.members]
 
     @property
-    def endpoints_flag(self) -> str:
-        """The value for --etcd-endpoints."""
-        return ",".join(self.endpoints)
-
     def _command(self, member: EtcdMember) -> list[str]:
         initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         command = [
@@ -238,12 +234,6 @@ class EtcdCluster:
     def kill_member(self, member: EtcdMember) -> None:
         """SIGKILL: the abrupt end of a crash or power loss."""
         self._end(member, signal.SIGKILL, 5.0)
-
-    def restart_member(self, member: EtcdMember, wait: bool = True) -> None:
-        self.stop_member(member)
-        self.start_member(member)
-        if wait:
-            self.wait_healthy([member])
 
     @staticmethod
     def _end(member: EtcdMember, sig: signal.Signals, timeout: float) -> None:

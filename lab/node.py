@@ -26,11 +26,11 @@ from ipaddress import IPv4Interface, IPv4Network
 from pyroute2 import IPRoute
 
 from flannel_bpf.controller.subnet_env import read_subnet_env
+from flannel_bpf.lab.netns import netns_exists
 from flannel_bpf.lab.run import ping
-from flannel_bpf.lab.topology import (POD_IFNAME, add_bridge, configure_interface,
-                                      new_namespace, plug_veth, prepare_namespace)
+from flannel_bpf.lab.topology import (POD_IFNAME, add_bridge, configure_interface, new_namespace, plug_veth,
+                                      prepare_namespace)
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
-from flannel_bpf.loader.netns import netns_exists
 
 MAX_PODS = 200
 WARMUP_PROBES = 2       # the first packets of a flow may wait for ARP on both sides

@@ -17,7 +17,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Iterator
 
 from flannel_bpf.loader.netns import in_netns
 
@@ -184,13 +183,6 @@ class PrefixWatch:
             if ev is not None and ev.key == key and ev.kind == kind:
                 return ev
         return None
-
-    def drain(self) -> Iterator[WatchEvent]:
-        while True:
-            try:
-                yield self.events.get_nowait()
-            except queue.Empty:
-                return
 
     def close(self) -> None:
         conn = self._conn

@@ -29,10 +29,10 @@ from typing import Iterable, Iterator
 
 from pyroute2 import IPRoute
 
+from flannel_bpf.lab.netns import create_netns, netns_exists, pids_by_netns, remove_netns
 from flannel_bpf.loader.bpf.attach import PIN_ROOT, unlink_pins
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE
-from flannel_bpf.loader.netns import (create_netns, in_netns, list_netns, netns_exists,
-                                      pids_by_netns, remove_netns, write_sysctl)
+from flannel_bpf.loader.netns import in_netns, list_netns, write_sysctl
 
 log = logging.getLogger(__name__)
 
@@ -522,10 +522,6 @@ class Lab:
 
     def destroy(self) -> "DestroyReport":
         return destroy(self.name)
-
-
-def create_lab(name: str = DEFAULT_LAB, hosts: int = 2, second_subnet: Iterable[int] = ()) -> Lab:
-    return Lab.create(name, hosts, second_subnet)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Network-namespace primitives shared by the loader and the lab.
+"""Network-namespace primitives of the kernel side: which namespace a thread is in, running a
+block in another one, sysctls. Making and removing namespaces is the lab's (lab/netns.py).
 
 Named namespaces live as bind mounts in /run/netns (as `ip netns` makes them). `in_netns`
 switches only the calling thread (setns(2) is per thread), so a pyroute2 IPRoute() or a
@@ -33,32 +34,12 @@ def netns_path(name: str) -> Path:
     return NETNS_RUN_DIR / name
 
 
-def netns_exists(name: str) -> bool:
-    return netns_path(name).exists()
-
-
 def list_netns() -> list[str]:
     return sorted(_pyroute2_netns.listnetns(str(NETNS_RUN_DIR)))
 
 
-def create_netns(name: str) -> None:
-    if netns_exists(name):
-        raise FileExistsError(f"network namespace {name} already exists")
-    _pyroute2_netns.create(name)
-
-
-def remove_netns(name: str) -> bool:
-    """Unmount and unlink a named namespace; False if it was not there."""
-    if not netns_exists(name):
-        return False
-    try:
-        _pyroute2_netns.remove(name)
-    except FileNotFoundError:  # removed meanwhile by another cleanup (e.g. `ip netns del`)
-        return False
-    return True
-
-
-def _ns_id(path: str | Path) -> tuple[int, int]:
+def namespace_id(path: str | Path) -> tuple[int, int]:
+    """(device, inode) of a namespace file: equal for two paths of the same namespace."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
 
@@ -69,15 +50,15 @@ def current_netns_name() -> str | None:
     None in the init namespace; the /run/netns name when one matches;
     `netns-<inode>` for an unnamed, non-init namespace so callers still get a unique key.
     """
-    mine = _ns_id("/proc/thread-self/ns/net")
+    mine = namespace_id("/proc/thread-self/ns/net")
     if mine[1] == PROC_NET_INIT_INO:
         return None
     with contextlib.suppress(OSError):
-        if mine == _ns_id("/proc/1/ns/net"):
+        if mine == namespace_id("/proc/1/ns/net"):
             return None
     for name in list_netns():
         with contextlib.suppress(OSError):
-            if _ns_id(NETNS_RUN_DIR / name) == mine:
+            if namespace_id(NETNS_RUN_DIR / name) == mine:
                 return name
     return f"netns-{mine[1]}"
 
@@ -123,29 +104,3 @@ def read_sysctl(key: str, netns: str | None = None) -> str:
     rel = key if "/" in key else key.replace(".", "/")
     with in_netns(netns):
         return (Path("/proc/sys") / rel).read_text().strip()
-
-
-def pids_by_netns(names: list[str]) -> dict[str, list[int]]:
-    """For each named namespace, the PIDs whose (main thread's) network namespace it is:
-    one pass over /proc for all of them."""
-    by_id = {}
-    for name in names:
-        try:
-            by_id[_ns_id(netns_path(name))] = name
-        except FileNotFoundError:
-            pass
-    result: dict[str, list[int]] = {name: [] for name in names}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            name = by_id.get(_ns_id(f"/proc/{entry.name}/ns/net"))
-        except OSError:  # gone, or a zombie that no longer has namespaces
-            continue
-        if name is not None:
-            result[name].append(int(entry.name))
-    return result
-
-
-def pids_in_netns(name: str) -> list[int]:
-    return pids_by_netns([name])[name]

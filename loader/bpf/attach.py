@@ -322,7 +322,6 @@ def pin_object(fd: int, path: str | Path) -> Path:
 
 
 pin_program = pin_object
-pin_map = pin_object
 
 
 def open_pinned(path: str | Path) -> int:

@@ -26,18 +26,3 @@ def nothing_left_behind():
     assert [ns for ns in list_netns() if ns.startswith(f"{RUN_PREFIX}-")] == []
     assert not BENCH_PIN_ROOT.exists()
 
-
-def check_shape(results: list[dict]) -> None:
-    """Every result is a plain record with the fields `lab bench` relies on."""
-    assert results
-    names = [r["metric"] for r in results]
-    assert len(names) == len(set(names)), "metric names must be unique"
-    for r in results:
-        assert {"metric", "value", "unit", "target", "ok"} <= set(r), r
-        assert isinstance(r["metric"], str) and r["unit"]
-        assert r["ok"] in (True, False, None)
-        assert (r["target"] is None) == (r["ok"] is None), r
-
-
-def by_name(results: list[dict]) -> dict[str, dict]:
-    return {r["metric"]: r for r in results}

@@ -1,5 +1,5 @@
-"""The lab bench's summaries: medians, ratios to kernel vxlan and the underlay, the targets of
-issue 5, the side-by-side table and the chart, from hand-made samples (no traffic)."""
+"""The lab bench's summaries: medians, ratios to kernel vxlan and the underlay, the performance
+targets, the side-by-side table and the chart, from hand-made samples (no traffic)."""
 import json
 import subprocess
 import sys

@@ -6,13 +6,28 @@ import json
 
 import pytest
 
-from conftest import by_name, check_shape
 from flannel_bpf.bench import common as bench_common
 from flannel_bpf.bench import control as bench_control
 from flannel_bpf.bench import prog as bench_prog
 
 
 # ---------------------------------------------------------------------------- helpers
+
+def check_shape(results: list[dict]) -> None:
+    """Every result is a plain record with the fields `lab bench` relies on."""
+    assert results
+    names = [r["metric"] for r in results]
+    assert len(names) == len(set(names)), "metric names must be unique"
+    for r in results:
+        assert {"metric", "value", "unit", "target", "ok"} <= set(r), r
+        assert isinstance(r["metric"], str) and r["unit"]
+        assert r["ok"] in (True, False, None)
+        assert (r["target"] is None) == (r["ok"] is None), r
+
+
+def by_name(results: list[dict]) -> dict[str, dict]:
+    return {r["metric"]: r for r in results}
+
 
 def test_metric_verdicts_and_percentiles():
     assert bench_common.metric("a", 10, "ns", target=("<=", 60))["ok"] is True

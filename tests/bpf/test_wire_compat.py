@@ -28,7 +28,8 @@ from scapy.layers.vxlan import VXLAN
 import fl_packets as P
 from flannel_bpf.loader.bpf.layout import Stat
 from flannel_bpf.loader.bpf.maps import EndpointEntry, PeerEntry
-from flannel_bpf.loader.netns import create_netns, in_netns, remove_netns, write_sysctl
+from flannel_bpf.lab.netns import create_netns, remove_netns
+from flannel_bpf.loader.netns import in_netns, write_sysctl
 
 pytestmark = pytest.mark.usefixtures("require_root")
 
@@ -49,7 +50,7 @@ def bridge_fdb(netns: str, *args: str) -> None:
 
 
 def add_flannel_vxlan(netns: str, local_ip: str, vtep_mac: str, subnet_zero: str, gbp: bool = False) -> None:
-    """flannel.1 as flanneld's vxlan backend makes it (shared/flannel-compat.md)."""
+    """flannel.1 as flanneld's vxlan backend makes it."""
     ip(netns, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", local_ip, "dev", "uplink",
        "nolearning", "dstport", "8472", *(["gbp"] if gbp else []))
     ip(netns, "link", "set", "flannel.1", "address", vtep_mac, "mtu", "1450", "up")

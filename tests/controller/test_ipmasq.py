@@ -6,7 +6,8 @@ from ipaddress import IPv4Network
 import pytest
 
 from flannel_bpf.controller.ipmasq import IpMasq
-from flannel_bpf.loader.netns import create_netns, in_netns, remove_netns
+from flannel_bpf.lab.netns import create_netns, remove_netns
+from flannel_bpf.loader.netns import in_netns
 
 NETWORK = IPv4Network("10.244.0.0/16")
 

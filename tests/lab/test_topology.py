@@ -9,7 +9,8 @@ from flannel_bpf.lab.run import ping, popen_in_netns, run_in_netns
 from flannel_bpf.lab.topology import (Lab, LabError, destroy, list_labs, read_state,
                                       state_path, temporary_lab)
 from flannel_bpf.loader.bpf.attach import PIN_ROOT, pin_program
-from flannel_bpf.loader.netns import in_netns, list_netns, pids_by_netns, pids_in_netns, read_sysctl
+from flannel_bpf.lab.netns import pids_by_netns, pids_in_netns
+from flannel_bpf.loader.netns import in_netns, list_netns, read_sysctl
 from flannel_bpf.loader.netlink.routes import is_on_link
 
 pytestmark = pytest.mark.usefixtures("require_root")

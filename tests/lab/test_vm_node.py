@@ -10,7 +10,8 @@ import pytest
 
 from flannel_bpf.lab.node import NodeError, pod_addresses
 from flannel_bpf.lab.run import ping, run_in_netns
-from flannel_bpf.loader.netns import create_netns, list_netns, netns_path, read_sysctl, remove_netns
+from flannel_bpf.lab.netns import create_netns, remove_netns
+from flannel_bpf.loader.netns import list_netns, netns_path, read_sysctl
 
 pytestmark = pytest.mark.usefixtures("require_root")
 
