@@ -163,7 +163,6 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [m.client_url for m in self.members]
 
-    @property
     def _command(self, member: EtcdMember) -> list[str]:
         initial_cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         command = [
