@@ -1,5 +1,6 @@
 """Thin ctypes binding to libbpf's low-level API (libbpf.so.1): pinned objects,
-map elements (single and batch), object info and BPF_PROG_TEST_RUN.
+map elements (single and batch), object info and BPF_PROG_TEST_RUN; and bpf(2) itself for
+the link commands of attach types newer than Debian's libbpf 1.1 (netkit).
 
 bcc 0.26 has no test-run wrapper and its map tables need a compiled module;
 these calls work on any fd, so another process (``flannel-bpf status``) can
@@ -11,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 from functools import lru_cache
 
 LIBBPF_PATHS = ("/usr/lib/x86_64-linux-gnu/libbpf.so.1", "libbpf.so.1")
@@ -26,6 +28,17 @@ BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_XDP = 6
 
 BPF_ANY = 0  # update flag: create or replace
+
+# enum bpf_cmd and enum bpf_attach_type (uapi/linux/bpf.h), for bpf(2) called directly
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
+BPF_LINK_DETACH = 34
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_NETKIT_PRIMARY = 54  # programs run when the primary (host side) transmits: into the pod
+BPF_NETKIT_PEER = 55     # programs run when the peer (pod side) transmits: out of the pod
+SYS_BPF = 321            # x86_64
+_BPF_ATTR_SIZE = 64      # enough for the link commands; the kernel zero-fills the rest
 
 
 class BpfError(OSError):
@@ -74,6 +87,19 @@ class BpfProgInfo(ctypes.Structure):
         ("nr_map_ids", ctypes.c_uint32),
         ("map_ids", ctypes.c_uint64),
         ("name", ctypes.c_char * 16),
+    ]
+
+
+class BpfLinkInfo(ctypes.Structure):
+    """struct bpf_link_info (uapi) for a netkit or tcx link: its union starts at offset 16."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),      # 0 once the device is gone (the link is defunct)
+        ("attach_type", ctypes.c_uint32),
     ]
 
 
@@ -175,9 +201,48 @@ def prog_info(fd: int) -> BpfProgInfo:
     return _obj_info(fd, BpfProgInfo())
 
 
+def link_info(fd: int) -> BpfLinkInfo:
+    return _obj_info(fd, BpfLinkInfo())
+
+
 def test_run(prog_fd: int, opts: BpfTestRunOpts) -> None:
     opts.sz = ctypes.sizeof(BpfTestRunOpts)
     check(libbpf().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def sys_bpf(cmd: int, attr: bytes, what: str) -> int:
+    """bpf(2) with a `union bpf_attr` given as bytes (packed by the caller)."""
+    buf = ctypes.create_string_buffer(attr.ljust(_BPF_ATTR_SIZE, b"\0"), _BPF_ATTR_SIZE)
+    rc = _libc().syscall(ctypes.c_long(SYS_BPF), ctypes.c_int(cmd), buf, ctypes.c_uint(_BPF_ATTR_SIZE))
+    if rc < 0:
+        raise BpfError(ctypes.get_errno() or errno.EIO, what)
+    return rc
+
+
+def link_create(prog_fd: int, target_ifindex: int, attach_type: int) -> int:
+    """BPF_LINK_CREATE: fd of a new link running `prog_fd` at (ifindex, attach type), appended
+    after the programs already there. The link detaches when its last fd and pin go, or
+    when the device goes."""
+    # link_create: prog_fd, target_ifindex, attach_type, flags (all u32); zero options after
+    attr = struct.pack("IIII", prog_fd, target_ifindex, attach_type, 0)
+    return sys_bpf(BPF_LINK_CREATE, attr, f"BPF_LINK_CREATE (attach type {attach_type}, ifindex {target_ifindex})")
+
+
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """BPF_LINK_UPDATE: the link runs `new_prog_fd` from now on (atomic swap)."""
+    sys_bpf(BPF_LINK_UPDATE, struct.pack("IIII", link_fd, new_prog_fd, 0, 0), "BPF_LINK_UPDATE")
+
+
+def link_detach(link_fd: int) -> None:
+    """BPF_LINK_DETACH: the program leaves its hook now, whoever still holds the link."""
+    sys_bpf(BPF_LINK_DETACH, struct.pack("I", link_fd), "BPF_LINK_DETACH")
 
 
 class LayoutMismatch(ValueError):
