@@ -17,14 +17,13 @@ import argparse
 import logging
 import threading
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Network
 
 from flannel_bpf.controller.backends import BACKENDS
 from flannel_bpf.controller.coalesce import CoalescingWorker
 from flannel_bpf.controller.config import NetworkConfig
 from flannel_bpf.controller.flags import FlagError, load_network_config, renew_margin_seconds
 from flannel_bpf.controller.health import HealthServer
-from flannel_bpf.controller.ipmasq import IpMasq
+from flannel_bpf.controller.iptables import DEFAULT_RESYNC, RuleKeeper, forward_rules, masq_rules
 from flannel_bpf.controller.lease import Lease, node_lease_attrs
 from flannel_bpf.controller.netlink_waker import NetlinkWaker
 from flannel_bpf.controller.peers import PeerEvent
@@ -47,6 +46,8 @@ class AgentOptions:
     lease_ttl: int = SUBNET_TTL
     renew_margin: float = 3600.0
     ip_masq: bool = False
+    iptables_forward_rules: bool = True
+    iptables_resync: float = DEFAULT_RESYNC
     subnet_file: str = DEFAULT_SUBNET_FILE
     net_config_path: str | None = None
     healthz_ip: str = "0.0.0.0"
@@ -63,7 +64,7 @@ class Agent:
         self.config: NetworkConfig | None = None
         self.backend = None
         self.manager: SubnetManager | None = None
-        self.masq = None
+        self.iptables = RuleKeeper(options.iptables_resync)
         self.health = None
         self._started = threading.Event()   # backend programmed with our lease: events may apply
         self._ready = threading.Event()
@@ -117,7 +118,9 @@ class Agent:
             self.backend.start(lease)
             self._started.set()
         if self.options.ip_masq:
-            self._masquerade(lease.subnet)
+            self.iptables.keep(masq_rules(self.config.network, lease.subnet))
+        if self.options.iptables_forward_rules:
+            self.iptables.keep(forward_rules(self.config.network))
         self._sync_when_listed()
         self.applier.start()
         return lease
@@ -166,8 +169,7 @@ class Agent:
         if self.backend is not None and self._started.is_set():
             with self._backend_lock:
                 self.backend.stop(cleanup=self.options.cleanup_on_exit)
-        if self.masq is not None and self.options.cleanup_on_exit:
-            self.masq.remove()
+        self.iptables.stop(remove_rules=self.options.cleanup_on_exit)
         if self.health is not None:
             self.health.stop()
         log.info("stopped; data plane %s", "removed" if self.options.cleanup_on_exit
@@ -192,14 +194,8 @@ class Agent:
         log.warning("our subnet changed from %s to %s: reprogramming this node", old.subnet, new.subnet)
         with self._backend_lock:
             self.backend.start(new)
-        if self.masq is not None:
-            self._masquerade(new.subnet)
-
-    def _masquerade(self, subnet: IPv4Network) -> None:
-        """flanneld's masq rules for our subnet (apply() rebuilds the chain, so a changed
-        subnet replaces the old rules)."""
-        self.masq = IpMasq(self.config.network, subnet)
-        self.masq.apply()
+        if self.options.ip_masq:
+            self.iptables.keep(masq_rules(self.config.network, new.subnet))
 
     # -- health and metrics ------------------------------------------------------------------
 
@@ -245,5 +241,6 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         backend=args.backend, decap=args.decap, bridge=args.bridge, pin_dir=args.pin_dir,
         cleanup_on_exit=args.cleanup_on_exit, reconcile_interval=args.reconcile_interval,
         lease_ttl=args.subnet_lease_ttl, renew_margin=renew_margin_seconds(args),
-        ip_masq=bool(args.ip_masq), subnet_file=args.subnet_file, net_config_path=args.net_config_path,
+        ip_masq=bool(args.ip_masq), iptables_forward_rules=bool(args.iptables_forward_rules),
+        iptables_resync=float(args.iptables_resync), subnet_file=args.subnet_file, net_config_path=args.net_config_path,
         healthz_ip=args.healthz_ip, healthz_port=int(args.healthz_port))

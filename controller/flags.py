@@ -129,6 +129,10 @@ def _renew_margin(value: str) -> int:
     return _integer(value, 1, 24 * 60 - 1, "minutes between 1 and 1439 (less than the 24 h lease)")
 
 
+def _resync(value: str) -> int:
+    return _integer(value, 1, 3600, "seconds between 1 and 3600")
+
+
 def _port(value: str) -> int:
     return _integer(value, 0, 65535, "a TCP port between 1 and 65535, or 0 to disable")
 
@@ -188,7 +192,10 @@ _FLAGS = (
      "renew the 24 h lease this many minutes before it expires"),
     ("--net-config-path", _existing_file, None, False, "FILE",
      "read the network config from this file instead of etcd <prefix>/config"),
-    ("--ip-masq", _bool, None, False, "BOOL", "set up flannel's IP masquerade rules for traffic leaving the network"),
+    ("--ip-masq", _bool, "false", False, "BOOL", "set up flannel's IP masquerade rules for traffic leaving the network"),
+    ("--iptables-forward-rules", _bool, "true", False, "BOOL",
+     "accept forwarding from and to the flannel network in iptables' FORWARD chain (chain FLANNEL-FWD)"),
+    ("--iptables-resync", _resync, "5", False, "SECONDS", "re-check the iptables rules this often, restoring them"),
     ("--healthz-ip", _ip, "0.0.0.0", False, "IP", "address for the /healthz and /readyz endpoints"),
     ("--healthz-port", _port, "0", False, "PORT", "port for /healthz and /readyz (0: no health server)"),
 )
@@ -204,15 +211,13 @@ def add_flanneld_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup
             default = _EnvValue(environ[variable], variable)
         elif repeatable:
             default = []
-        elif flag == "--ip-masq":
-            default = False
         shown_default = f"; default {default}" if type(default) is str else ""
         help_text = f"{help_text} (env {variable}{shown_default})"
         options = dict(type=_from_flag_or_env(convert, repeatable), default=default, metavar=metavar,
                        help=help_text, dest=flag.lstrip("-").replace("-", "_"))
         if repeatable:
             options["action"] = _AppendOverDefault
-        elif flag == "--ip-masq":
+        elif convert is _bool:  # --flag alone is true, as Go's boolean flags
             options.update(nargs="?", const=True)
         parser.add_argument(flag, **options)
 

@@ -7,8 +7,8 @@ import os
 
 from pyroute2 import IPRoute
 
+from flannel_bpf.controller import iptables
 from flannel_bpf.controller.backends import detach_bpf
-from flannel_bpf.controller.ipmasq import IpMasq
 from flannel_bpf.loader.bpf import attach
 from flannel_bpf.loader.bpf.maps import DataPlaneMaps
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_VNI
@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
                         help=f"VNI of the flannel.<VNI> device (default: from the pinned config, else {DEFAULT_VNI})")
     parser.add_argument("--bridge", default=DEFAULT_BRIDGE, help="the pod bridge (default %(default)s)")
     parser.add_argument("--pin-dir", help="pin directory given to attach, if not the default")
-    parser.add_argument("--keep-ip-masq", action="store_true", help="leave the flanneld masq rules")
+    parser.add_argument("--keep-iptables", action="store_true",
+                        help="leave flanneld's iptables rules (masq and forward)")
     parser.set_defaults(handler=run)
 
 
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             count = delete_our_routes(ipr, oif=uplink)
             if count:
                 removed.append(f"{count} routes via {args.iface}")
-    if not args.keep_ip_masq and os.path.exists("/usr/sbin/iptables"):
-        IpMasq.remove()
+    if not args.keep_iptables and os.path.exists("/usr/sbin/iptables"):
+        iptables.remove(iptables.MASQ)
+        iptables.remove(iptables.FORWARD)
     log.info("detached from %s%s", args.iface, f": removed {', '.join(removed)}" if removed else "")
     return 0

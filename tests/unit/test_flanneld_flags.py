@@ -32,6 +32,7 @@ def test_defaults_are_flanneld_defaults():
     assert args.subnet_lease_renew_margin == 60 and renew_margin_seconds(args) == 3600
     assert (args.iface, args.iface_regex, args.public_ip, args.net_config_path) == ([], [], None, None)
     assert args.ip_masq is False
+    assert args.iptables_forward_rules is True and args.iptables_resync == 5
     assert (args.healthz_ip, args.healthz_port) == ("0.0.0.0", 0)
     options = etcd_options_from_args(args)
     assert options.endpoints == ("http://127.0.0.1:2379",) and options.config_key == "/coreos.com/network/config"
@@ -90,6 +91,8 @@ def test_env_names():
     (["--healthz-port", "70000"], "out of range"),
     (["--healthz-ip", "localhost"], "not an IP address"),
     (["--ip-masq=maybe"], "not true or false"),
+    (["--iptables-forward-rules=perhaps"], "not true or false"),
+    (["--iptables-resync", "0"], "out of range"),
     (["--net-config-path", "/nonexistent/net-conf.json"], "no such file"),
 ])
 def test_bad_flag_values(argv, words, capsys):
@@ -120,3 +123,10 @@ def test_net_config_path_is_read_without_etcd(tmp_path):
     path.write_text('{"Network": "10.244.0.0/16", "Backend": {"Type": "bpf", "Decap": "tc"}}')
     config = load_network_config(parse(["--net-config-path", str(path)]).net_config_path, registry=None)
     assert config.backend.decap == "tc"
+
+
+def test_forward_rules_are_on_unless_turned_off_as_flanneld_s():
+    assert parse(["--iptables-forward-rules=false"]).iptables_forward_rules is False
+    assert parse([], {"FLANNELD_IPTABLES_FORWARD_RULES": "false"}).iptables_forward_rules is False
+    assert parse(["--iptables-forward-rules"], {"FLANNELD_IPTABLES_FORWARD_RULES": "false"}).iptables_forward_rules
+    assert parse([], {"FLANNELD_IPTABLES_RESYNC": "30"}).iptables_resync == 30
