@@ -158,10 +158,11 @@ class Dockerd:
             if ids:
                 self.docker("rm", "-f", *ids, check=False, timeout=60)
         stop_processes_below(self.base, timeout)
+        kill_containers_below(self.base)  # those a dead daemon left running
         unmount_below(self.base)
         subprocess.run(["rm", "-rf", "--one-file-system", str(self.base)], capture_output=True, timeout=60)
         if self.process is not None:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=5)  # reaped; it ended above
         for directory in SHARED_DIRS:
             try:
                 directory.rmdir()
@@ -196,6 +197,40 @@ def stop_processes_below(base: Path, timeout: float = STOP_TIMEOUT) -> None:
             time.sleep(0.1)
     if left := _pids_below(base):
         log.warning("processes %s below %s would not end", left, base)
+
+
+def container_pids(container_ids: list[str]) -> list[int]:
+    """Processes in the cgroups of these containers."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cgroups = (proc / "cgroup").read_text()
+            except OSError:
+                continue
+            if any(f"/docker/{cid}" in cgroups for cid in container_ids):
+                found.append(int(proc.name))
+    return found
+
+
+def kill_containers_below(base: Path, timeout: float = 5.0) -> None:
+    """SIGKILL the processes of the containers in `base`'s data-root and wait until they are gone."""
+    containers = base / "data" / "containers"
+    ids = [entry.name for entry in containers.iterdir()] if containers.is_dir() else []
+    deadline = time.monotonic() + timeout
+    while ids and (pids := container_pids(ids)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def stop_all_below(directory: Path) -> None:
+    """Stop every daemon whose files lie below `directory` (a lab's run directory), alive or not."""
+    for log_file in sorted(directory.glob("**/dockerd.log")):
+        Dockerd(netns="", base=log_file.parent).stop()
 
 
 def mounts_below(base: Path) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 
 from pyroute2 import IPRoute
 
+from flannel_bpf.lab.dockerd import stop_all_below
 from flannel_bpf.lab.netns import create_netns, netns_exists, pids_by_netns, remove_netns
 from flannel_bpf.loader.bpf.attach import PIN_ROOT, unlink_pins
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE
@@ -587,6 +588,8 @@ def destroy(name: str = DEFAULT_LAB) -> DestroyReport:
     # Pods, then hosts, then router and underlay: each veth goes with its inner end.
     namespaces.sort(key=lambda ns: ("-p" not in ns.removeprefix(f"fbpf-{name}-"), ns))
 
+    if run_dir(name).is_dir():
+        stop_all_below(run_dir(name))  # dockerd first: its containers and mounts live outside the namespaces
     report.killed_pids = _kill_all(namespaces)
     for ns in namespaces:
         if remove_netns(ns):

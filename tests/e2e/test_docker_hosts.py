@@ -7,6 +7,9 @@ FORWARD policy DROP is passed by the agent's FLANNEL-FWD rules on the kernel pat
 back when flushed; and nothing stays behind."""
 from __future__ import annotations
 
+import os
+import signal
+
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 
 from flannel_bpf.controller.subnet_env import read_subnet_env
 from flannel_bpf.lab import orchestrator as orch
-from flannel_bpf.lab.dockerd import Dockerd, DockerdError, mounts_below, read_docker_opts
+from flannel_bpf.lab.dockerd import Dockerd, DockerdError, container_pids, mounts_below, read_docker_opts
 from flannel_bpf.lab.run import run_in_netns
 from flannel_bpf.lab.topology import Lab, run_dir
 from flannel_bpf.loader.bpf.attach import list_tc
@@ -153,11 +156,19 @@ def test_flushed_forward_rules_come_back(docker_lab):
     assert "were changed by someone else: restored" in Path(host.agent.log_path).read_text()
 
 
-def test_docker_hosts_leave_nothing_behind(docker_lab):
+def test_lab_down_after_a_dockerd_crash_leaves_nothing_behind(docker_lab):
+    """dockerd killed outright leaves its containers running outside the lab's namespaces and
+    its mounts in place: `lab down` must find and remove them all the same."""
     lab, daemons, before = docker_lab
+    container_ids = [daemon.inspect(name, "{{.Id}}") for daemon, name in zip(daemons, ("c1", "c2"))]
     for daemon in daemons:
-        daemon.stop()
-        assert not daemon.base.exists() and mounts_below(daemon.base) == []
+        os.kill(int((daemon.base / "docker.pid").read_text()), signal.SIGKILL)
+    assert container_pids(container_ids), "the containers outlive their daemon"
+    assert mounts_below(run_dir(lab.name)) != []
     orch.down(lab.name)
     assert_lab_gone(lab.name, before)
     assert mounts_below(run_dir(lab.name)) == []
+    assert container_pids(container_ids) == []
+    for daemon in daemons:
+        daemon.stop()  # the fixture's own cleanup: idempotent, finds nothing
+
