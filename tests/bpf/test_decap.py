@@ -2,7 +2,10 @@
 of input packet -> expected counter, return code and output bytes per program."""
 from __future__ import annotations
 
+import os
+
 import pytest
+from pyroute2 import IPRoute
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
@@ -11,7 +14,9 @@ from scapy.layers.vxlan import VXLAN
 import fl_packets as P
 from flannel_bpf.loader.bpf.layout import (STAT_ACTION, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP,
                                        XDP_PASS, Action, Stat)
+from flannel_bpf.lab.netns import create_netns, remove_netns
 from flannel_bpf.loader.bpf.maps import EndpointEntry, PeerEntry
+from flannel_bpf.loader.netns import in_netns, write_sysctl
 
 pytestmark = pytest.mark.usefixtures("require_root")
 
@@ -188,3 +193,26 @@ def test_our_encap_decaps_on_the_peer_to_the_original_packet(node):
     delivered = Ether(tc.result.data)
     assert (delivered.src, delivered.dst) == (P.BRIDGE_MAC, "02:cc:00:00:02:07")
     assert bytes(delivered[IP]) == after_hops(2)
+
+
+def test_a_strangers_vxlan_only_passing_through_is_not_ours(node):
+    """The FIB decides what "addressed to this node" means beyond our underlay address: VXLAN from
+    a non-peer to a destination this node routes elsewhere is passed, to one it would deliver
+    locally (or nowhere) dropped. Run in a namespace of its own, whose lo is the uplink here."""
+    netns = f"fbpf-t{os.getpid()}-fib"
+    transit = P.vxlan_from_peer(src=P.STRANGER_IP, dst="198.19.5.7")
+    create_netns(netns)
+    try:
+        with in_netns(netns), IPRoute() as ipr:
+            ipr.link("set", index=P.LO_IFINDEX, state="up")
+            write_sysctl("net.ipv4.conf.all.forwarding", 1)
+            write_sysctl("net.ipv4.conf.lo.forwarding", 1)
+            for prog in ("xdp_decap", "tc_decap"):
+                assert node.run(prog, transit).stats == [Stat.DROP_UNKNOWN_PEER_OTHER_ADDRESS]  # no route
+            ipr.route("add", dst="198.19.5.0/24", oif=P.LO_IFINDEX)
+            for prog in ("xdp_decap", "tc_decap"):
+                outcome = node.run(prog, transit)
+                assert outcome.stats == [Stat.PASS_NOT_VXLAN], prog
+                assert outcome.result.data == bytes(transit)
+    finally:
+        remove_netns(netns)
