@@ -4,24 +4,19 @@ Two measurements:
 
 1. BPF_PROG_TEST_RUN (`measure_testrun`): each program runs in the kernel on a fixed packet,
    `repeat` times per syscall. The kernel does not reset the packet between repeats, so the
-   timed programs are *timing variants* built from the unmodified sources:
-   - every entry point `int NAME(ctx)` becomes `static __always_inline int NAME__timed(ctx)`,
-     called by a new `NAME` that first saves the packet's first bytes (up to 34 for encap,
-     64 for XDP decap, 84 for tc decap: every byte the program may rewrite), and after the
-     program puts the packet back as it was: the head adjustment undone
-     (`bpf_skb_adjust_room` / `bpf_xdp_adjust_head` by the opposite amount) and the saved
-     bytes stored back. That restore tail is inside the timed region.
-   - encap only: `bpf_skb_adjust_room` is called without the ENCAP_* flags. With them the
-     kernel marks the skb as a tunnel packet, once and for good (no helper clears
-     skb->encapsulation), so a second run fails with EALREADY. Without them it does the same
-     memory work (skb_cow_head, push, memmove); the flags' bookkeeping (inner header offsets,
-     gso_type bits: a few field stores) is not timed.
+   timed programs are the *timing build* of the unmodified sources: compiled with -DFL_TIMING,
+   the one hook in ebpf/lib/timing.h turns every entry point into a wrapper that saves the
+   packet's first bytes (TIMING_SAVE_BYTES: every byte the program may rewrite), runs the
+   program and puts the packet back as it was: the head adjustment undone and the saved bytes
+   stored back. That restore tail is inside the timed region. For encap the timing build
+   passes bpf_skb_adjust_room only FIXED_GSO: the ENCAP_* flags mark the skb as a tunnel
+   packet once and for good (a second run fails with EALREADY); without them the helper does
+   the same memory work, and the flags' bookkeeping (a few field stores) is not timed.
    Every run is checked: the expected verdict counter must have counted exactly every run,
    and the packet after the last run must equal the input. Also reported: the unmodified
    programs run once per syscall (`single_shot`, median; this includes the kernel's timer
    reads, shown by the empty programs' single-shot figure), the empty programs (the test-run
    harness itself), and what the restore tail costs on a packet the program leaves alone.
-
 2. Live (`measure_live`): the real programs attached in a two-host netns lab, pod-to-pod
    traffic, and the kernel's own run-time statistics (`run_time_ns / run_cnt` from each
    program's info, enabled with BPF_ENABLE_STATS for the window only, which is what
@@ -54,8 +49,7 @@ from flannel_bpf.loader.bpf.attach import open_pinned
 from flannel_bpf.loader.bpf.layout import (Action, PeerMode, STAT_ACTION, Stat, TC_ACT_OK, TC_ACT_REDIRECT,
                                            TC_ACT_SHOT, XDP_DROP, XDP_PASS)
 from flannel_bpf.loader.bpf.maps import DataPlaneMaps, EndpointEntry, NodeConfig, PeerEntry
-from flannel_bpf.loader.bpf.program import (LoadError, PROGRAMS, check_pin_dir, ebpf_dir, expand_source, load_programs,
-                                            program_pin)
+from flannel_bpf.loader.bpf.program import LoadedPrograms, check_pin_dir, load_programs, program_pin
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +167,7 @@ CASES = (
     ProgCase("tc_decap_miss", "tc_decap", udp_to_host(), Stat.PASS_NOT_VXLAN),
 )
 # The miss case of each program: it leaves the packet alone, so the unmodified program repeats
-# honestly and the difference to the timing variant is the restore tail's cost.
+# honestly and the difference to the timing build is the restore tail's cost.
 MISS_CASE = {"tc_encap_from_pods": "encap_miss", "xdp_decap": "xdp_miss", "tc_decap": "tc_decap_miss"}
 
 
@@ -184,66 +178,15 @@ def expected_retval(program: str, stat: Stat) -> int:
     return {Action.PASS: TC_ACT_OK, Action.DROP: TC_ACT_SHOT, Action.REDIRECT: TC_ACT_REDIRECT}[action]
 
 
-# ---------------------------------------------------------------------------- timing variants
+# ---------------------------------------------------------------------------- timing build
 
-# Bytes saved before and written back after the program: all it may rewrite in place. A packet
-# shorter than that gets the small tier (Ethernet + IPv4 header) saved instead.
-RESTORE_BYTES = {"tc_encap_from_pods": 34,  # Ethernet + IPv4 header (MACs, TTL, checksum)
-                 "xdp_decap": 64,           # outer 50 + inner Ethernet (its destination MAC)
-                 "tc_decap": 84}            # outer 50 + inner Ethernet + inner IPv4 (TTL, checksum)
-RESTORE_BYTES_SMALL = 34
-
-# The wrapper copies with direct packet access in 8-byte words (a few loads and stores), not
-# with bpf_*_load_bytes/store_bytes (~60 ns a pair here) nor __builtin_memcpy (byte by byte on
-# packet pointers of unknown alignment), whose cost would drown the programs'.
-_COPY = """
-static __always_inline void fl_bench_copy(void *dst, const void *src, const int size)
-{
-#pragma unroll
-	for (int i = 0; i + 8 <= size; i += 8)
-		*(__u64 *)(dst + i) = *(const __u64 *)(src + i);
-	if (size % 8 >= 4)
-		*(__u32 *)(dst + (size & ~7)) = *(const __u32 *)(src + (size & ~7));
-	if (size % 4 >= 2)
-		*(__u16 *)(dst + (size & ~3)) = *(const __u16 *)(src + (size & ~3));
-}
-"""
-_WRAPPER = """
-int {name}({ctx_type} *ctx)
-{{
-	__u64 saved[({big} + 7) / 8];
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u32 len_before = data_end - data;
-	__u32 kept = 0;
-	__u32 len_after;
-	int verdict;
-
-	if (data + {big} <= data_end) {{
-		fl_bench_copy(saved, data, {big});
-		kept = {big};
-	}} else if (data + {small} <= data_end) {{
-		fl_bench_copy(saved, data, {small});
-		kept = {small};
-	}}
-	verdict = {name}__timed(ctx);
-	len_after = (long)ctx->data_end - (long)ctx->data;
-	if (len_after != len_before)
-		{adjust};
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	if (kept == {big} && data + {big} <= data_end)
-		fl_bench_copy(data, saved, {big});
-	else if (kept == {small} && data + {small} <= data_end)
-		fl_bench_copy(data, saved, {small});
-	return verdict;
-}}
-"""
-_ADJUST = {
-    "sched_cls": "bpf_skb_adjust_room(ctx, (__s32)len_before - (__s32)len_after, BPF_ADJ_ROOM_MAC, 0)",
-    "xdp": "bpf_xdp_adjust_head(ctx, (int)len_after - (int)len_before)",
-}
-_CTX_TYPE = {"sched_cls": "struct __sk_buff", "xdp": "struct xdp_md"}
+# What the timing build (ebpf/lib/timing.h) saves before and stores back after each program:
+# every byte it may rewrite in place. Every entry point needs one, timed or not.
+TIMING_SAVE_BYTES = {"tc_encap_from_pods": 34,  # Ethernet + IPv4 header (MACs, TTL, checksum)
+                     "tc_encap_from_host": 34,
+                     "xdp_decap": 64,           # outer 50 + inner Ethernet (its destination MAC)
+                     "tc_decap": 84}            # outer 50 + inner Ethernet + inner IPv4 (TTL, checksum)
+TIMING_CFLAGS = ("-DFL_TIMING", *(f"-DFL_TIMING_SAVE_{name}={size}" for name, size in TIMING_SAVE_BYTES.items()))
 
 _EMPTY_PROGRAMS = """
 #include <uapi/linux/pkt_cls.h>
@@ -252,81 +195,42 @@ int empty_xdp(struct xdp_md *ctx) { return XDP_PASS; }
 """
 
 
-class VariantError(RuntimeError):
-    """The program source no longer has the shape the timing variant is built from."""
-
-
-def _substitute_once(pattern: str, replacement: str, text: str, what: str) -> str:
-    text, count = re.subn(pattern, replacement, text, flags=re.M)
-    if count != 1:
-        raise VariantError(f"timing variant: expected one {what} in the program source, found {count}")
-    return text
-
-
-def timing_variant_source(source: str, programs: list[str]) -> str:
-    """The source file `source` (under ebpf/) with `programs` wrapped as the module note says."""
-    text = expand_source(ebpf_dir() / source)
-    if source == "tc_route.c":
-        text = "#define FL_BENCH_ENCAP_FLAGS BPF_F_ADJ_ROOM_FIXED_GSO\n" + _substitute_once(
-            r"BPF_ADJ_ROOM_MAC, ENCAP_FLAGS\)", "BPF_ADJ_ROOM_MAC, FL_BENCH_ENCAP_FLAGS)", text,
-            "bpf_skb_adjust_room(..., ENCAP_FLAGS) call")
-    text += _COPY
-    for name in programs:
-        text = _substitute_once(rf"^int {name}\((struct \w+ \*\w+)\)\s*$",
-                                rf"static __always_inline int {name}__timed(\1)", text, f"entry point {name}")
-        prog_type = PROGRAMS[name].prog_type
-        text += _WRAPPER.format(name=name, ctx_type=_CTX_TYPE[prog_type], adjust=_ADJUST[prog_type],
-                                big=RESTORE_BYTES[name], small=RESTORE_BYTES_SMALL)
-    return text
-
-
 @dataclass
 class BenchPrograms:
-    """fds of the timing variants, the unmodified programs and the empty programs."""
+    """fds of the timing build, the product build and the empty programs."""
 
-    timed: dict[str, int]
-    plain: dict[str, int]
+    timed: LoadedPrograms
+    plain: LoadedPrograms
     empty: dict[str, int]
-    _plain_loaded: object
-    _modules: list
+    _empty_module: object
 
     def close(self) -> None:
-        self._plain_loaded.close()
-        for module in self._modules:
-            with contextlib.suppress(Exception):
-                module.cleanup()
-        self._modules.clear()
+        self.timed.close()
+        self.plain.close()
+        with contextlib.suppress(Exception):
+            self._empty_module.cleanup()
 
 
 def load_bench_programs(pin_dir: str) -> BenchPrograms:
     """Compile and load everything the test-run benchmark times, sharing maps in `pin_dir`."""
     from bcc import BPF
 
-
     pin_dir = check_pin_dir(pin_dir)
-    types = {"sched_cls": BPF.SCHED_CLS, "xdp": BPF.XDP}
     plain = load_programs(pin_dir)
-    loaded = BenchPrograms(timed={}, plain=dict(plain.prog_fds), empty={}, _plain_loaded=plain, _modules=[])
     try:
-        wanted = sorted({case.program for case in CASES})
-        for source in sorted({PROGRAMS[name].source for name in wanted}):
-            names = [name for name in wanted if PROGRAMS[name].source == source]
-            try:
-                module = BPF(text=timing_variant_source(source, names).encode(),
-                             cflags=[f'-DFL_PIN_DIR="{pin_dir}"'])
-            except Exception as e:
-                raise LoadError(f"compiling the timing variant of {source}: {e}") from e
-            loaded._modules.append(module)
-            for name in names:
-                loaded.timed[name] = module.load_func(name.encode(), types[PROGRAMS[name].prog_type]).fd
-        module = BPF(text=_EMPTY_PROGRAMS.encode())
-        loaded._modules.append(module)
-        loaded.empty = {"tc": module.load_func(b"empty_tc", BPF.SCHED_CLS).fd,
-                        "xdp": module.load_func(b"empty_xdp", BPF.XDP).fd}
+        timed = load_programs(pin_dir, extra_cflags=TIMING_CFLAGS)
     except BaseException:
-        loaded.close()
+        plain.close()
         raise
-    return loaded
+    try:
+        module = BPF(text=_EMPTY_PROGRAMS.encode())
+        empty = {"tc": module.load_func(b"empty_tc", BPF.SCHED_CLS).fd,
+                 "xdp": module.load_func(b"empty_xdp", BPF.XDP).fd}
+    except BaseException:
+        timed.close()
+        plain.close()
+        raise
+    return BenchPrograms(timed=timed, plain=plain, empty=empty, _empty_module=module)
 
 
 # ---------------------------------------------------------------------------- test-run
@@ -389,13 +293,15 @@ def measure_testrun(*, repeat: int = 100_000, rounds: int = 5, single_shots: int
                 results += _empty_baselines(programs, single_shots, repeat, rounds)
                 steady = {}
                 for case in CASES:
-                    durations, problem = _steady(programs.timed[case.program], case, maps, repeat, rounds, True)
+                    durations, problem = _steady(programs.timed.prog_fds[case.program], case, maps, repeat,
+                                                 rounds, True)
                     steady[case.name] = median(durations) if not problem else None
-                    singles = _single_shots(programs.plain[case.program], case.packet, case.program, single_shots)
+                    singles = _single_shots(programs.plain.prog_fds[case.program], case.packet, case.program,
+                                            single_shots)
                     results.append(metric(
                         f"prog.{case.name}.testrun", steady[case.name], "ns/packet",
                         target=("<=", case.target_ns) if case.target_ns else None,
-                        note=problem or f"{case.program}, timing variant (restores the packet), "
+                        note=problem or f"{case.program}, timing build (restores the packet), "
                                         f"{len(case.packet)} B, median of {rounds} x {repeat} runs",
                         group="prog.testrun", program=case.program, verdict=case.stat.counter_name,
                         packet_bytes=len(case.packet), rounds_ns=durations, peers_in_map=len(peers)))
@@ -410,7 +316,8 @@ def measure_testrun(*, repeat: int = 100_000, rounds: int = 5, single_shots: int
                         case = next((c for c in CASES if record["metric"] == f"prog.{c.name}.testrun"), None)
                         if case is not None and record["ok"] is False:
                             record["profile"], record["profile_file"] = _profile_case(
-                                programs.timed[case.program], case, _profile_path(profile_dir, f"testrun-{case.name}"))
+                                programs.timed.prog_fds[case.program], case,
+                                _profile_path(profile_dir, f"testrun-{case.name}"))
         finally:
             programs.close()
     return results
@@ -423,7 +330,7 @@ def _profile_path(profile_dir, tag: str) -> Path:
 
 
 def _profile_case(fd: int, case: ProgCase, path: Path, seconds: float = 2.0) -> tuple[dict, str]:
-    """perf samples of the timing variant running `case` for `seconds`: the share of each
+    """perf samples of the timing build running `case` for `seconds`: the share of each
     leaf function under bpf_test_run (harness, program, helpers)."""
     with perf_record(path, seconds, delay=0.2):
         end = time.monotonic() + seconds + 0.5
@@ -449,18 +356,18 @@ def _empty_baselines(programs: BenchPrograms, single_shots: int, repeat: int, ro
 
 def _restore_overhead(programs: BenchPrograms, maps: DataPlaneMaps, steady: dict, repeat: int,
                       rounds: int) -> list[dict]:
-    """Timing variant minus unmodified program on the miss case (no head adjustment there):
+    """Timing build minus unmodified program on the miss case (no head adjustment there):
     what saving and storing back the bytes adds to every timed figure."""
     by_name = {case.name: case for case in CASES}
     out = []
     for program, case_name in MISS_CASE.items():
         case = by_name[case_name]
-        durations, problem = _steady(programs.plain[program], case, maps, repeat, rounds, False)
+        durations, problem = _steady(programs.plain.prog_fds[program], case, maps, repeat, rounds, False)
         plain = median(durations) if not problem else None
         wrapped = steady.get(case_name)
         overhead = wrapped - plain if wrapped is not None and plain is not None else None
         out.append(metric(f"prog.{program}.restore_overhead", overhead, "ns/packet",
-                          note=problem or f"{case_name}: timing variant {wrapped} ns - unmodified {plain} ns "
+                          note=problem or f"{case_name}: timing build {wrapped} ns - unmodified {plain} ns "
                                           "(save + store back; the head re-adjustment is not in it)",
                           group="prog.testrun", unmodified_ns=plain))
     return out

@@ -103,7 +103,7 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb, const struct fl_lo
 	struct iphdr *inner_ip;
 	void *data, *data_end;
 
-	if (bpf_skb_adjust_room(skb, FL_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS))
+	if (bpf_skb_adjust_room(skb, FL_VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, FL_ENCAP_ADJ_FLAGS(ENCAP_FLAGS)))
 		return fl_tc_account(FL_STAT_PASS_ENCAP_FAILED, len);
 	/* The pushed headers are linear, and the inner IPv4 header was before. */
 	data = (void *)(long)skb->data;
@@ -163,7 +163,7 @@ static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwar
 		return fl_tc_account(FL_STAT_PASS_NO_CONFIG, len);
 	/* A hardware-accelerated VLAN tag: the frame belongs to a VLAN device. */
 	if (skb->vlan_present)
-		return fl_tc_account(FL_STAT_PASS_NOT_IPV4, len);
+		return fl_tc_account(FL_STAT_PASS_VLAN_TAGGED, len);
 	fl_skb_linearize(skb, sizeof(struct ethhdr) + sizeof(struct iphdr));
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
@@ -211,12 +211,12 @@ static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwar
 	return encap_vxlan(skb, cfg, peer, iph, len, forwarding);
 }
 
-int tc_encap_from_pods(struct __sk_buff *skb)
+FL_PROGRAM(tc_encap_from_pods, struct __sk_buff, skb)
 {
 	return route_to_peer(skb, 1);
 }
 
-int tc_encap_from_host(struct __sk_buff *skb)
+FL_PROGRAM(tc_encap_from_host, struct __sk_buff, skb)
 {
 	return route_to_peer(skb, 0);
 }

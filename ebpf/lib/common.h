@@ -11,6 +11,7 @@
 #include <uapi/linux/pkt_cls.h>
 #include "compat.h"
 #include "flannel_maps.h"
+#include "timing.h"
 
 /* "Not decided yet": returned by parsers when the packet goes on. */
 #define FL_STAT_NONE FL_STAT_MAX
@@ -38,7 +39,8 @@ static __always_inline int fl_account(__u32 stat, __u32 len, int action)
 
 static __always_inline int fl_stat_is_drop(__u32 stat)
 {
-	return stat == FL_STAT_DROP_WRITE_FAILED || stat == FL_STAT_DROP_UNKNOWN_PEER;
+	return stat == FL_STAT_DROP_WRITE_FAILED || stat == FL_STAT_DROP_UNKNOWN_PEER ||
+	       (stat >= FL_STAT_DROP_UNKNOWN_PEER_OTHER_MAC && stat <= FL_STAT_DROP_UNKNOWN_PEER_OTHER_ADDRESS);
 }
 
 /* For the PASS_* and DROP_* outcomes: what a tc program returns for them. */

@@ -103,7 +103,7 @@ enum fl_stat {
 	FL_STAT_PASS_ENCAP_FAILED = 5,   /* bpf_skb_adjust_room refused; packet untouched */
 	/* shared by both sides */
 	FL_STAT_PASS_NO_CONFIG = 6,      /* fl_config not written yet */
-	FL_STAT_PASS_NOT_IPV4 = 7,       /* ARP, IPv6, VLAN-tagged, ... */
+	FL_STAT_PASS_NOT_IPV4 = 7,       /* ARP, IPv6, ... */
 	FL_STAT_PASS_MALFORMED = 8,      /* truncated or inconsistent headers: the kernel judges */
 	FL_STAT_PASS_TTL_EXCEEDED = 9,   /* TTL <= 1: the kernel sends ICMP time exceeded */
 	FL_STAT_DROP_WRITE_FAILED = 10,  /* header rewrite failed after the packet was resized */
@@ -111,17 +111,33 @@ enum fl_stat {
 	FL_STAT_DECAP_XDP = 11,          /* decapsulated in XDP, passed to the stack */
 	FL_STAT_DECAP_TO_POD = 12,       /* decapsulated in tc, redirected into the pod */
 	FL_STAT_DIRECT_TO_POD = 13,      /* plain IPv4 from a DIRECT peer, redirected into the pod */
-	FL_STAT_PASS_NOT_VXLAN = 14,     /* not UDP to our VXLAN port and address */
-	FL_STAT_PASS_OUTER_IP_OPTIONS = 15,
-	FL_STAT_PASS_OUTER_FRAGMENT = 16,
+	FL_STAT_PASS_NOT_VXLAN = 14,     /* not UDP to our VXLAN port (tc: nor to a pod of ours), or
+					  * a peer's VXLAN not to our address and uplink MAC */
+	FL_STAT_PASS_OUTER_IP_OPTIONS = 15, /* a peer's VXLAN with outer IPv4 options */
+	FL_STAT_PASS_OUTER_FRAGMENT = 16,   /* a peer's first fragment, or any later UDP fragment */
 	FL_STAT_PASS_OUTER_BAD_CSUM = 17,    /* the kernel drops it and counts it */
 	FL_STAT_PASS_VXLAN_BAD_FLAGS = 18,   /* I flag missing or reserved bits set */
 	FL_STAT_PASS_WRONG_VNI = 19,
 	FL_STAT_PASS_INNER_NOT_IPV4 = 20,
 	FL_STAT_PASS_NOT_LOCAL_ENDPOINT = 21, /* tc: the kernel vxlan device decaps it */
 	FL_STAT_PASS_DECAP_FAILED = 22,       /* bpf_skb_adjust_room refused; untouched */
-	FL_STAT_DROP_UNKNOWN_PEER = 23,       /* our VNI and port from an address with no lease */
-	FL_STAT_MAX = 24,
+	/*
+	 * UDP to our VXLAN port and address from an address with no lease (any
+	 * VNI): the kernel's vxlan socket would take it, so it is dropped here.
+	 * The variants below are the same from other paths into that socket.
+	 */
+	FL_STAT_DROP_UNKNOWN_PEER = 23,
+	FL_STAT_PASS_VLAN_TAGGED = 24,        /* 802.1Q/802.1ad: the frame is a VLAN device's */
+	FL_STAT_PASS_NOT_TO_UPLINK_MAC = 25,  /* tc: plain IPv4 for a pod of ours, to another MAC */
+	FL_STAT_PASS_NOT_FROM_DIRECT_PEER = 26, /* tc: plain IPv4 for a pod of ours, from no DIRECT
+						 * peer's subnet: the kernel routes it */
+	FL_STAT_DROP_UNKNOWN_PEER_OTHER_MAC = 27,    /* ... in a frame to broadcast, multicast or another MAC */
+	FL_STAT_DROP_UNKNOWN_PEER_IP_OPTIONS = 28,   /* ... with outer IPv4 options */
+	FL_STAT_DROP_UNKNOWN_PEER_FRAGMENT = 29,     /* ... the first fragment (it carries the port) */
+	FL_STAT_DROP_UNKNOWN_PEER_VLAN_TAGGED = 30,  /* ... VLAN-tagged (VID 0, or a VLAN device's) */
+	FL_STAT_DROP_UNKNOWN_PEER_OTHER_ADDRESS = 31, /* ... to another local, broadcast or multicast
+						       * address of this node */
+	FL_STAT_MAX = 32,
 };
 
 /*

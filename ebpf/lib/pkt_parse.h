@@ -22,6 +22,11 @@ static __always_inline int fl_mac_is_multicast(const __u8 *mac)
 	return mac[0] & 1; /* the I/G bit; broadcast included */
 }
 
+static __always_inline int fl_eth_is_vlan(__be16 proto)
+{
+	return proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD);
+}
+
 static __always_inline int fl_mac_equal(const __u8 *a, const __u8 *b)
 {
 	const __u16 *x = (const __u16 *)a, *y = (const __u16 *)b;
@@ -44,7 +49,8 @@ static __always_inline __u32 fl_parse_eth_ipv4(void *data, void *data_end, __u32
 
 	if ((void *)(eth + 1) > data_end)
 		return FL_STAT_PASS_MALFORMED;
-	/* 802.1Q/802.1ad tags land here too: not ours to untag. */
+	if (fl_eth_is_vlan(eth->h_proto)) /* not ours to untag */
+		return FL_STAT_PASS_VLAN_TAGGED;
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return FL_STAT_PASS_NOT_IPV4;
 	if ((void *)(iph + 1) > data_end)

@@ -35,12 +35,22 @@ struct fl_vxlan_encap_hdr {
 	struct ethhdr inner_eth;
 } __attribute__((packed));
 
-/* A validated VXLAN packet for us, as pointers into linear packet memory. */
+/*
+ * A packet on the uplink as decap sees it, as pointers into linear packet
+ * memory: the outer headers once fl_parse_udp_to_port() has found UDP to our
+ * port, the inner ones once fl_parse_vxlan() has validated the rest.
+ */
 struct fl_vxlan_view {
 	struct ethhdr *outer_eth;
 	struct iphdr *outer_ip;
 	struct ethhdr *inner_eth;
 	struct iphdr *inner_ip;
+	__u8 tagged;          /* an in-band 802.1Q/802.1ad tag sits between Ethernet and IPv4 */
+};
+
+struct fl_vlan_hdr {
+	__be16 tci;
+	__be16 encapsulated_proto;
 };
 
 #define FL_VXLAN_MIN_LEN (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr) + \
@@ -101,44 +111,91 @@ static __always_inline __u8 fl_outer_tos(__u8 inner_tos)
 }
 
 /*
- * Validates a packet as VXLAN for this node, from a known peer. Returns
- * FL_STAT_NONE with *view filled, or the PASS_ or DROP_ reason. Checks what
+ * Is this UDP to our VXLAN port? Returns FL_STAT_NONE with the outer headers
+ * in *view when it is (also with IPv4 options, as a first fragment or behind
+ * one VLAN tag), else why not. A later fragment carries no ports: it is
+ * PASS_OUTER_FRAGMENT, and without its first fragment the kernel never
+ * reassembles it. For plain IPv4 that is not for the port, view->outer_eth
+ * and view->outer_ip are set too (PASS_NOT_VXLAN).
+ */
+static __always_inline __u32 fl_parse_udp_to_port(void *data, void *data_end, __u32 pkt_len, __u16 port,
+						  struct fl_vxlan_view *view)
+{
+	struct ethhdr *eth = data;
+	struct fl_vlan_hdr *vlan;
+	struct iphdr *iph;
+	struct udphdr *udp;
+	__u32 l2_len = sizeof(*eth), tot_len;
+	__be16 proto;
+
+	view->tagged = 0;
+	if ((void *)(eth + 1) > data_end)
+		return FL_STAT_PASS_MALFORMED;
+	proto = eth->h_proto;
+	view->tagged = fl_eth_is_vlan(proto);
+	if (view->tagged) {
+		vlan = (void *)(eth + 1);
+		if ((void *)(vlan + 1) > data_end)
+			return FL_STAT_PASS_MALFORMED;
+		proto = vlan->encapsulated_proto;
+		l2_len += sizeof(*vlan);
+	}
+	if (proto != bpf_htons(ETH_P_IP))
+		return view->tagged ? FL_STAT_PASS_VLAN_TAGGED : FL_STAT_PASS_NOT_IPV4;
+	iph = data + l2_len;
+	if ((void *)(iph + 1) > data_end)
+		return FL_STAT_PASS_MALFORMED;
+	if (iph->version != 4 || iph->ihl < 5)
+		return FL_STAT_PASS_MALFORMED;
+	tot_len = bpf_ntohs(iph->tot_len);
+	/* Shorter than its header, or longer than what arrived: ip_rcv drops it. */
+	if (tot_len < (__u32)iph->ihl * 4 || tot_len > pkt_len - l2_len)
+		return FL_STAT_PASS_MALFORMED;
+	view->outer_eth = eth;
+	view->outer_ip = iph;
+	if (iph->protocol != IPPROTO_UDP)
+		return view->tagged ? FL_STAT_PASS_VLAN_TAGGED : FL_STAT_PASS_NOT_VXLAN;
+	if (iph->frag_off & bpf_htons(FL_IP_OFFSET))
+		return FL_STAT_PASS_OUTER_FRAGMENT;
+	udp = (void *)iph + iph->ihl * 4;
+	if ((void *)(udp + 1) > data_end)
+		return FL_STAT_PASS_MALFORMED;
+	if (udp->dest != bpf_htons(port))
+		return view->tagged ? FL_STAT_PASS_VLAN_TAGGED : FL_STAT_PASS_NOT_VXLAN;
+	return FL_STAT_NONE;
+}
+
+/*
+ * After fl_parse_udp_to_port(): is it VXLAN this node can decapsulate itself?
+ * Returns FL_STAT_NONE with the inner headers in *view, or the PASS_ reason
+ * (the kernel then judges, and its vxlan device may decapsulate). Checks what
  * the kernel would check before it decapsulates, because decap in XDP/tc
  * skips ip_rcv and udp_rcv: the outer header checksum, lengths, flags. The
  * outer UDP checksum is not verified (flannel peers send 0; the inner L4
- * checksum still protects the payload end to end).
+ * checksum still protects the payload end to end). Untagged frames only.
  */
-static __always_inline __u32 fl_parse_vxlan(void *data, void *data_end, __u32 pkt_len,
-					    const struct fl_local_config *cfg,
+static __always_inline __u32 fl_parse_vxlan(void *data_end, const struct fl_local_config *cfg,
 					    struct fl_vxlan_view *view)
 {
-	struct ethhdr *eth;
-	struct iphdr *iph;
+	struct ethhdr *eth = view->outer_eth;
+	struct iphdr *iph = view->outer_ip;
 	struct udphdr *udp;
 	struct fl_vxlanhdr *vxh;
 	struct ethhdr *inner_eth;
 	struct iphdr *inner_ip;
 	__u32 udp_len;
-	__u32 stat = fl_parse_eth_ipv4(data, data_end, pkt_len, &eth, &iph);
 
-	if (stat != FL_STAT_NONE)
-		return stat;
-	if (iph->protocol != IPPROTO_UDP)
-		return FL_STAT_PASS_NOT_VXLAN;
 	/* Fragments are reassembled by the kernel first; its vxlan device decaps. */
 	if (iph->frag_off & bpf_htons(FL_IP_MF | FL_IP_OFFSET))
 		return FL_STAT_PASS_OUTER_FRAGMENT;
 	if (iph->ihl != 5)
 		return FL_STAT_PASS_OUTER_IP_OPTIONS;
-	udp = (void *)(iph + 1);
-	if ((void *)(udp + 1) > data_end)
-		return FL_STAT_PASS_MALFORMED;
-	/* Not to our port and address, or a frame the NIC saw promiscuously. */
-	if (udp->dest != bpf_htons(cfg->vxlan_port) || iph->daddr != cfg->underlay_ip ||
-	    !fl_mac_equal(eth->h_dest, cfg->uplink_mac))
+	/* Not to our address, or a frame the NIC saw promiscuously. */
+	if (iph->daddr != cfg->underlay_ip || !fl_mac_equal(eth->h_dest, cfg->uplink_mac))
 		return FL_STAT_PASS_NOT_VXLAN;
 	if (fl_ipv4_hdr_csum(iph) != 0)
 		return FL_STAT_PASS_OUTER_BAD_CSUM;
+	udp = (void *)(iph + 1);
 	vxh = (void *)(udp + 1);
 	inner_eth = (void *)(vxh + 1);
 	inner_ip = (void *)(inner_eth + 1);
@@ -157,15 +214,10 @@ static __always_inline __u32 fl_parse_vxlan(void *data, void *data_end, __u32 pk
 		return FL_STAT_PASS_VXLAN_BAD_FLAGS;
 	if (vxh->vni != bpf_htonl(cfg->vni << 8))
 		return FL_STAT_PASS_WRONG_VNI;
-	/* Ours in every respect but the sender: anti-spoofing. */
-	if (!fl_peer_ips.lookup(&iph->saddr))
-		return FL_STAT_DROP_UNKNOWN_PEER;
 	if (inner_eth->h_proto != bpf_htons(ETH_P_IP))
 		return FL_STAT_PASS_INNER_NOT_IPV4;
 	if (inner_ip->version != 4 || inner_ip->ihl < 5)
 		return FL_STAT_PASS_MALFORMED;
-	view->outer_eth = eth;
-	view->outer_ip = iph;
 	view->inner_eth = inner_eth;
 	view->inner_ip = inner_ip;
 	return FL_STAT_NONE;

@@ -9,6 +9,7 @@ import pytest
 from flannel_bpf.bench import common as bench_common
 from flannel_bpf.bench import control as bench_control
 from flannel_bpf.bench import prog as bench_prog
+from flannel_bpf.loader.bpf.program import PROGRAMS, ebpf_dir
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -52,15 +53,12 @@ def test_results_json_and_table(tmp_path, capsys):
     assert "x.y" in capsys.readouterr().out
 
 
-def test_timing_variant_wraps_each_entry_point_and_refuses_a_changed_source():
-    source = bench_prog.timing_variant_source("vxlan_xdp.c", ["xdp_decap", "tc_decap"])
-    assert "static __always_inline int xdp_decap__timed(struct xdp_md *ctx)" in source
-    assert "static __always_inline int tc_decap__timed(struct __sk_buff *skb)" in source
-    assert source.count("\nint xdp_decap(") == 1 and source.count("\nint tc_decap(") == 1
-    encap = bench_prog.timing_variant_source("tc_route.c", ["tc_encap_from_pods"])
-    assert "BPF_ADJ_ROOM_MAC, FL_BENCH_ENCAP_FLAGS)" in encap
-    with pytest.raises(bench_prog.VariantError, match="tc_decap"):
-        bench_prog.timing_variant_source("tc_route.c", ["tc_decap"])
+def test_the_timing_build_names_every_entry_point():
+    """timing.h refuses to compile an entry point without its FL_TIMING_SAVE_<name>."""
+    assert set(bench_prog.TIMING_SAVE_BYTES) == set(PROGRAMS)
+    assert "-DFL_TIMING" in bench_prog.TIMING_CFLAGS
+    for name in PROGRAMS:
+        assert f"FL_PROGRAM({name}," in (ebpf_dir() / PROGRAMS[name].source).read_text()
 
 
 def test_profile_summary_leaves_out_waiting_threads(tmp_path):

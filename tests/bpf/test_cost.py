@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 
 import fl_packets as P
-from flannel_bpf.loader.bpf.layout import Stat
+from flannel_bpf.bench.prog import TIMING_CFLAGS
 from flannel_bpf.bench.testrun import SkBuff, XdpMd, per_packet_ns
+from flannel_bpf.loader.bpf.layout import Stat
+from flannel_bpf.loader.bpf.program import load_programs
 
 pytestmark = pytest.mark.usefixtures("require_root")
 
@@ -68,9 +70,8 @@ def test_per_packet_cost(node, empty_programs, record_property):
 
 
 def test_xdp_decap_cost_with_repeats(pin_root, record_property):
-    """A timing build of xdp_decap undoes its decap, so repeat=N times N full decaps."""
-    from flannel_bpf.loader.bpf.program import load_programs
-    bench = load_programs(f"{pin_root}/bench", extra_cflags=("-DFL_BENCH_UNDO_DECAP",))
+    """The timing build of xdp_decap undoes its decap, so repeat=N times N full decaps."""
+    bench = load_programs(f"{pin_root}/bench", extra_cflags=TIMING_CFLAGS)
     with bench:
         maps = bench.maps
         maps.set_local_config(P.node_config())

@@ -69,7 +69,7 @@ CASES = [
     ("arp", PODS, Ether(dst="ff:ff:ff:ff:ff:ff", src=P.POD_MAC) / ARP(pdst="10.244.1.1", psrc=P.POD_IP),
      Stat.PASS_NOT_IPV4, SAME, {}),
     ("ipv6", PODS, Ether(dst=P.BRIDGE_MAC, src=P.POD_MAC) / IPv6(dst="fd00::1") / UDP(), Stat.PASS_NOT_IPV4, SAME, {}),
-    ("vlan-tagged", PODS, P.vlan_tagged(P.from_pod(P.udp())), Stat.PASS_NOT_IPV4, SAME, {}),
+    ("vlan-tagged", PODS, P.vlan_tagged(P.from_pod(P.udp())), Stat.PASS_VLAN_TAGGED, SAME, {}),
     ("l2-broadcast", PODS, P.from_pod(P.udp(), eth_dst="ff:ff:ff:ff:ff:ff"), Stat.PASS_NOT_FOR_GATEWAY, SAME, {}),
     ("l2-multicast", PODS, P.from_pod(P.udp(), dst="10.244.2.255", eth_dst="01:00:5e:00:00:fb"),
      Stat.PASS_NOT_FOR_GATEWAY, SAME, {}),

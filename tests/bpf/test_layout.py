@@ -97,8 +97,10 @@ def test_config_written_by_python_reads_back_in_bccs_layout(programs, maps):
 def test_stat_names_and_actions_are_complete():
     assert [s.value for s in layout.Stat] == list(range(layout.STAT_MAX))
     assert set(layout.STAT_ACTION) == set(layout.Stat)
+    S = layout.Stat
     assert {s for s, a in layout.STAT_ACTION.items() if a is layout.Action.DROP} == {
-        layout.Stat.DROP_WRITE_FAILED, layout.Stat.DROP_UNKNOWN_PEER}
+        S.DROP_WRITE_FAILED, S.DROP_UNKNOWN_PEER, S.DROP_UNKNOWN_PEER_OTHER_MAC, S.DROP_UNKNOWN_PEER_IP_OPTIONS,
+        S.DROP_UNKNOWN_PEER_FRAGMENT, S.DROP_UNKNOWN_PEER_VLAN_TAGGED, S.DROP_UNKNOWN_PEER_OTHER_ADDRESS}
 
 
 def test_address_helpers_round_trip():
