@@ -7,7 +7,7 @@ cd "$(dirname "$(readlink -f "$0")")"
 say() { printf 'setup: %s\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (BPF, netns, apt)" >&2; exit 1; }
 
-DEBS=(python3-bpfcc python3-venv etcd-server iproute2 iperf3 ethtool tcpdump iptables
+DEBS=(python3-bpfcc python3-venv etcd-server iproute2 iperf3 ethtool tcpdump iptables containernetworking-plugins
       linux-headers-amd64 libbpf1 procps iputils-ping sockperf curl
       docker.io supervisor busybox-static systemd)  # the install-by-hand tests: real dockerd, supervisord, systemd-analyze
 missing=()

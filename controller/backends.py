@@ -381,9 +381,10 @@ class BpfBackend(VxlanBackend):
             bridge, mac = (0, NO_MAC) if link is None else (link["index"], link.get_attr("IFLA_ADDRESS"))
             if (bridge, mac) != (self._bridge_ifindex, self.node.bridge_mac):
                 self._bridge_changed(bridge, mac)
-            self._sync_pod_ports(pod_ports(ipr, bridge) if bridge else {})
+            ports = pod_ports(ipr, bridge) if bridge else {}
+            self._sync_pod_ports(ports)
             if bridge:
-                self._sync_endpoints(ipr, bridge)
+                self._sync_endpoints(ipr, bridge, ports)
 
     def _ensure_headroom(self, ipr: IPRoute, bridge: int) -> None:
         """The headroom port only saves a reallocation per packet: without it (no vxlan module,
@@ -426,10 +427,11 @@ class BpfBackend(VxlanBackend):
         for ifindex in [i for i in self._pod_ports_refused if i not in ports]:
             del self._pod_ports_refused[ifindex]
 
-    def _sync_endpoints(self, ipr: IPRoute, bridge: int) -> None:
+    def _sync_endpoints(self, ipr: IPRoute, bridge: int, bridge_ports: Mapping[int, str]) -> None:
         """Local pods for decap delivery: pod IP -> MAC from the bridge's neighbours, MAC ->
         host-side veth from its FDB. A pod the host has not yet talked to is missing here and
-        reached through the kernel path, whose ARP then makes it known."""
+        reached through the kernel path, whose ARP then makes it known. Entries of pods off the
+        bridge are flannel-bpf-cni's (its DEL removes them): left alone while their device is there."""
         ports = {}
         for entry in ipr.get_neighbours(family=socket.AF_BRIDGE):
             if entry.get_attr("NDA_MASTER") == bridge and not entry["state"] & _NUD_PERMANENT:
@@ -441,7 +443,11 @@ class BpfBackend(VxlanBackend):
                 wanted[IPv4Address(ip)] = EndpointEntry.make(ip, ports[mac], mac)
         current = {e.ip: e for e in self.maps.list_endpoints()}
         changed = [e for ip, e in wanted.items() if current.get(ip) != e]
-        stale = [ip for ip in current if ip not in wanted]
+        stale = [ip for ip, e in current.items() if ip not in wanted and e.ifindex in bridge_ports]
+        off_bridge = [ip for ip, e in current.items() if ip not in wanted and e.ifindex not in bridge_ports]
+        if off_bridge:
+            present = {link["index"] for link in ipr.link("dump")}
+            stale += [ip for ip in off_bridge if current[ip].ifindex not in present]
         if changed:
             self.maps.set_endpoints(changed)
         if stale:

@@ -74,11 +74,18 @@ def in_netns(name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    path = netns_path(name)
+    with in_netns_path(netns_path(name)):
+        yield
+
+
+@contextlib.contextmanager
+def in_netns_path(path: str | Path) -> Iterator[None]:
+    """Run the block inside the namespace behind a file (a /run/netns bind mount, or
+    /proc/PID/ns/net as container runtimes pass it)."""
     try:
         target = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise NetnsNotFound(f"network namespace {name} does not exist ({path})") from None
+        raise NetnsNotFound(f"network namespace {path} does not exist") from None
     saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         _setns(target)

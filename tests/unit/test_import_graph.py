@@ -1,4 +1,4 @@
-"""The rooms depend one way: the CLI (flannel_bpf/) -> bench -> lab -> controller -> loader -> ebpf.
+"""The rooms depend one way: the CLI (flannel_bpf/) -> bench -> lab -> cni -> controller -> loader -> ebpf.
 
 A module may import its own room and the rooms below it, never one above: loader/ knows
 nothing of the controller, the controller nothing of the lab or the bench."""
@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # Highest first; a room may import only rooms at its own rank or later in this list.
 ROOMS = [("flannel_bpf", "flannel_bpf"), ("flannel_bpf.bench", "bench"),
-         ("flannel_bpf.lab", "lab"), ("flannel_bpf.controller", "controller"),
+         ("flannel_bpf.lab", "lab"), ("flannel_bpf.cni", "cni"), ("flannel_bpf.controller", "controller"),
          ("flannel_bpf.loader", "loader"), ("flannel_bpf.ebpf", "ebpf")]
 RANK = {package: rank for rank, (package, _) in enumerate(ROOMS)}
 # Leaves: modules that import nothing of the project, usable from every room (terminal output,
