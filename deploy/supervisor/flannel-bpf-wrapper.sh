@@ -9,4 +9,4 @@ if [ -r "$env_file" ]; then
     . "$env_file"
     set +a
 fi
-exec "${FLANNEL_BPF:-/usr/local/bin/flannel-bpf}" attach --bridge docker0 "$@"
+exec "${FLANNEL_BPF:-/usr/local/bin/flannel-bpf}" attach --bridge "${FLANNEL_BPF_BRIDGE:-docker0}" "$@"
