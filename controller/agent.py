@@ -224,6 +224,7 @@ class Agent:
             "lease_expiry": lease.expires_at if lease else None,
             "etcd_reconnects": self.manager.reconnect_count if self.manager else 0,
             "lease_reacquired": self.manager.reacquired_count if self.manager else 0,
+            "iptables_restored": self.iptables.restored,
             "peer_events_pending": self.applier.pending,
             "fallback_pending": self.backend.fallback_pending if self.backend is not None else 0,
             "netlink_failures": len(self.backend.netlink_failures) if self.backend is not None else 0,

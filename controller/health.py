@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 class AgentCollector:
     """Reads the agent's state at scrape time. `snapshot()` returns a dict with: peers,
     map_entries {map: count}, counters {name: (packets, bytes)}, lease_expiry (unix time or
-    None), etcd_reconnects, lease_reacquired, ready, and optionally peer_events_pending,
-    fallback_pending, netlink_failures."""
+    None), etcd_reconnects, lease_reacquired, ready, and optionally iptables_restored,
+    peer_events_pending, fallback_pending, netlink_failures."""
 
     def __init__(self, snapshot: Callable[[], dict]):
         self.snapshot = snapshot
@@ -50,6 +50,10 @@ class AgentCollector:
                                   value=s["etcd_reconnects"])
         yield CounterMetricFamily("flannel_bpf_lease_reacquired", "times our lost lease was taken again",
                                   value=s["lease_reacquired"])
+        if "iptables_restored" in s:
+            yield CounterMetricFamily("flannel_bpf_iptables_restored",
+                                      "times the agent rebuilt iptables rules someone had changed",
+                                      value=s["iptables_restored"])
         for key, doc in _QUEUE_GAUGES:
             if key in s:
                 yield _gauge(f"flannel_bpf_{key}", doc, s[key])

@@ -47,7 +47,11 @@ FORWARD = Chain("filter", "FLANNEL-FWD", "FORWARD", "flanneld forward")
 
 
 def _iptables(table: str, *args: str, check: bool = True) -> bool:
-    done = subprocess.run(["iptables", "-w", "5", "-t", table, *args], capture_output=True, text=True)
+    try:
+        done = subprocess.run(["iptables", "-w", "5", "-t", table, *args], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise IptablesError(f"iptables -t {table} {' '.join(args)}: {err}") from None
     if check and done.returncode != 0:
         raise IptablesError(f"iptables -t {table} {' '.join(args)}: {done.stderr.strip()}")
     return done.returncode == 0
@@ -112,6 +116,7 @@ class RuleKeeper:
         self.period = period
         self.restored = 0
         self._sets: dict[Chain, RuleSet] = {}
+        self._failing: dict[Chain, str] = {}  # the last error of each chain, warned about once
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -124,10 +129,10 @@ class RuleKeeper:
             self._sets[chain] = rule_set
             try:
                 rule_set.apply()
+                self._failing.pop(chain, None)
                 log.info("iptables rules in %s/%s", chain.table, chain.name)
             except IptablesError as err:
-                log.warning("iptables rules in %s/%s not set up (retried every %g s): %s",
-                            chain.table, chain.name, self.period, err)
+                self._warn_once(chain, err)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="flannel-bpf-iptables", daemon=True)
             self._thread.start()
@@ -143,8 +148,15 @@ class RuleKeeper:
                         self.restored += 1
                         log.warning("iptables rules in %s/%s were changed by someone else: restored",
                                     chain.table, chain.name)
+                    self._failing.pop(chain, None)
                 except IptablesError as err:
-                    log.warning("iptables re-check of %s/%s: %s", chain.table, chain.name, err)
+                    self._warn_once(chain, err)
+
+    def _warn_once(self, chain: Chain, err: IptablesError) -> None:
+        if self._failing.get(chain) != str(err):
+            self._failing[chain] = str(err)
+            log.warning("iptables rules in %s/%s not in place (retried every %g s): %s",
+                        chain.table, chain.name, self.period, err)
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):

@@ -50,7 +50,7 @@ def read_docker_opts(path: str | Path, key: str = "DOCKER_OPTS") -> list[str]:
     for line in Path(path).read_text().splitlines():
         name, sep, value = line.partition("=")
         if sep and name == key:
-            return shlex.split(shlex.split(value)[0]) if value.strip('"').strip() else []
+            return shlex.split(" ".join(shlex.split(value)))
     raise DockerdError(f"{path} has no {key}")
 
 
@@ -248,6 +248,3 @@ def unmount_below(base: Path) -> None:
     for point in mounts_below(base):
         subprocess.run(["umount", "-l", point], capture_output=True, timeout=10)
 
-
-def docker_info(daemon: Dockerd) -> dict:
-    return json.loads(daemon.docker("info", "--format", "{{json .}}").stdout)

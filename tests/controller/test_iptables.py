@@ -108,3 +108,18 @@ def test_the_keeper_thread_rechecks_on_its_own(netns):
         assert keeper.restored >= 1 and rules("filter") == FLANNELD_FORWARD
     finally:
         keeper.stop(remove_rules=True)
+
+
+def test_no_iptables_is_one_warning_never_an_error(monkeypatch, caplog):
+    """A node without the iptables command: the agent goes on, warned once, retrying."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    keeper = RuleKeeper(period=3600)
+    try:
+        with caplog.at_level("WARNING"):
+            keeper.keep(forward_rules(NETWORK))
+            keeper.check()
+            keeper.check()
+    finally:
+        keeper.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "FLANNEL-FWD" in warnings[0] and "iptables" in warnings[0]

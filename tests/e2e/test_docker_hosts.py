@@ -154,6 +154,7 @@ def test_flushed_forward_rules_come_back(docker_lab):
                and "-A FLANNEL-FWD -d 10.244.0.0/16" in _sh(host.netns, "iptables", "-S", "FLANNEL-FWD"),
                RESYNC * 5 + 5, 0.2, "the agent restoring its forward rules")
     assert "were changed by someone else: restored" in Path(host.agent.log_path).read_text()
+    assert "flannel_bpf_iptables_restored_total 1.0" in orch.metrics_text(host)
 
 
 def test_lab_down_after_a_dockerd_crash_leaves_nothing_behind(docker_lab):
