@@ -7,6 +7,7 @@ Network configuration (see deploy/cni-conf.json):
      "subnetFile": "/run/flannel/subnet.env",    # written by flannel-bpf attach (or flanneld)
      "dataDir": "/var/lib/cni/networks",         # host-local's allocations (its default)
      "rangeStart": "10.244.1.100",               # optional: a part of the subnet (host-local's)
+     "bridge": "cni0",                           # bridge pods of the node: proxy ARP for ours there
      "bpfPinDir": "/sys/fs/bpf/flannel-bpf/eth0"} # the agent's maps: pods go into fl_endpoints
 
 Like flannel's plugin it reads the node's subnet and MTU from subnet.env. Without the agent's
@@ -27,10 +28,10 @@ from flannel_bpf.cni.spec import (INVALID_CONFIG, IO_FAILURE, PLUGIN_NOT_AVAILAB
 from flannel_bpf.controller.subnet_env import SubnetEnvError, load_complete_subnet_env
 from flannel_bpf.loader.bpf.bpfsys import BpfError, LayoutMismatch
 from flannel_bpf.loader.bpf.maps import DataPlaneMaps, EndpointEntry
-from flannel_bpf.loader.netdefs import DEFAULT_SUBNET_FILE
+from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
 
 # Ours, and what runtimes add to every configuration they pass.
-KNOWN_FIELDS = {"cniVersion", "name", "type", "podDevice", "subnetFile", "dataDir", "rangeStart", "rangeEnd",
+KNOWN_FIELDS = {"cniVersion", "name", "type", "podDevice", "bridge", "subnetFile", "dataDir", "rangeStart", "rangeEnd",
                 "bpfPinDir", "prevResult", "runtimeConfig", "args", "capabilities"}
 
 
@@ -76,18 +77,23 @@ def cmd_add(inv: Invocation) -> dict:
     subnet, mtu = node_subnet(inv)
     maps = _maps(inv)
     result = ipam.delegate(inv, "ADD", subnet)
+    made = None
     try:
         ip = ipam.allocated_ip(result)
         made = pod.create(device, inv.netns, inv.container_id, inv.ifname, ip, subnet.ip, mtu)
+        bridge = inv.config.get("bridge", DEFAULT_BRIDGE)
         try:
+            pod.answer_arp_on_bridge(bridge)
             if maps is not None:
                 maps.set_endpoints([EndpointEntry.make(ip, made.host_ifindex, made.pod_mac)])
-        except (BpfError, ValueError) as err:
-            pod.delete(device, inv.container_id, inv.ifname)
-            raise CniError(IO_FAILURE, f"registering {ip} in fl_endpoints: {err}") from None
+        except OSError as err:
+            raise CniError(IO_FAILURE, f"{ip}: proxy ARP on {bridge} or fl_endpoints: {err}") from None
     except BaseException:
+        # Nothing half-made: the device (with its routes) and the address go back.
+        if made is not None:
+            pod.delete(device, inv.container_id, inv.ifname)
         with contextlib.suppress(CniError):
-            ipam.delegate(inv, "DEL", subnet)  # the address goes back; the first error is the one to report
+            ipam.delegate(inv, "DEL", subnet)  # the first error is the one to report
         raise
     finally:
         if maps is not None:

@@ -20,7 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_bpf.cni.spec import CHECK_FAILED, DEVICE_FAILURE, UNKNOWN_CONTAINER, CniError
 from flannel_bpf.loader.netlink.netkit import NetkitError, add_netkit_pair, netkit_info
-from flannel_bpf.loader.netns import NetnsNotFound, in_netns_path
+from flannel_bpf.loader.netns import NetnsNotFound, in_netns_path, write_sysctl
 
 POD_DEVICES = ("netkit", "veth")
 NUD_PERMANENT = 0x80
@@ -108,6 +108,17 @@ def _configure(ipr: IPRoute, device: str, netns: str, host: str, ifname: str, ip
     except NetlinkError as err:
         raise CniError(DEVICE_FAILURE, f"configuring {host}/{ifname} for {ip}: {_netlink_error(err)}") from None
     return PodDevice(host, index, host_mac, ifname, pod_mac, ip, None if device == "netkit" else gateway)
+
+
+def answer_arp_on_bridge(bridge: str) -> bool:
+    """Pods on the node's pod bridge (cni0) hold the whole subnet as on-link, so they ARP for a
+    routed pod's address there: with proxy ARP the host answers for the addresses it routes
+    through another device (only those), and forwards. False when there is no such bridge."""
+    with IPRoute() as ipr:
+        if not ipr.link_lookup(ifname=bridge):
+            return False
+    write_sysctl(f"net/ipv4/conf/{bridge}/proxy_arp", 1)
+    return True
 
 
 def _delete_host_side(ipr: IPRoute, host: str) -> bool:

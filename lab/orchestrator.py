@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Protocol
 from pyroute2 import IPRoute
 
 from flannel_bpf.controller.subnet_env import read_subnet_env
+from flannel_bpf.lab.cni_pods import CNI_DEVICES, add_cni_pod
 from flannel_bpf.lab.etcd import EtcdCluster, EtcdLaunchError, EtcdMember
 from flannel_bpf.lab.nshttp import EtcdGateway, GatewayError, http_get
 from flannel_bpf.lab.run import PingResult, nsenter_argv, ping
@@ -57,6 +58,9 @@ STOP_TIMEOUT = 10.0
 # ---------------------------------------------------------------------------- what to build
 
 
+POD_DEVICES = ("veth", *CNI_DEVICES)
+
+
 @dataclass(frozen=True)
 class LabSpec:
     name: str = DEFAULT_LAB
@@ -70,6 +74,7 @@ class LabSpec:
     decap: str | None = None                # --decap for bpf agents
     vni: int = 1
     agent_args: tuple[str, ...] = ()        # extra `attach` flags for every agent
+    pod_devices: tuple[str, ...] = ("veth",)  # pod n of every host gets pod_devices[(n - 1) % len]
 
     def host_backends(self) -> list[str]:
         backends = list(self.backends) or [self.backend] * self.hosts
@@ -92,6 +97,10 @@ class LabSpec:
             check_vni(self.vni, "--vni")
         except ValueError as err:
             raise LabError(str(err)) from None
+        unknown = [d for d in self.pod_devices if d not in POD_DEVICES]
+        if unknown or not self.pod_devices:
+            raise LabError(f"--pod-device {unknown[0] if unknown else ''!r}: use one or more of "
+                           f"{', '.join(POD_DEVICES)}")
         if self.decap not in (None, "auto", "xdp", "tc"):
             raise LabError(f"--decap must be auto, xdp or tc, got {self.decap!r}")
         network_config(self.host_backends(), self.vni, self.direct_routing)
@@ -339,9 +348,11 @@ def wait_for_subnet(lab: Lab, index: int, timeout: float = AGENT_START_TIMEOUT) 
         time.sleep(0.05)
 
 
-def add_pods(lab: Lab, index: int, count: int, progress: Progress = NoProgress()) -> list[Pod]:
+def add_pods(lab: Lab, index: int, count: int, progress: Progress = NoProgress(),
+             devices: tuple[str, ...] = ("veth",)) -> list[Pod]:
     """Pods 1..count on host `index`: .2, .3, ... of its subnet, gateway .1 (flannel's cni0
-    address), MTU from FLANNEL_MTU."""
+    address), MTU from FLANNEL_MTU. Pod n is a `devices[(n - 1) % len]` pod: veth on the
+    bridge, or netkit / routed-veth through flannel-bpf-cni."""
     host = lab.host(index)
     env = read_subnet_env(host.agent.subnet_file)
     gateway = IPv4Interface(env["FLANNEL_SUBNET"])
@@ -353,6 +364,12 @@ def add_pods(lab: Lab, index: int, count: int, progress: Progress = NoProgress()
     pods = []
     for n in range(first, first + count):
         address = f"{hosts[n]}/{gateway.network.prefixlen}"
+        device = devices[(n - 1) % len(devices)]
+        if device != "veth":
+            add_cni_pod(lab, index, n, device, IPv4Interface(address), mtu, host.agent.subnet_file,
+                        host_dir(lab, host) / "ipam", host.agent.pin_dir)
+            progress.advance("pods")
+            continue
         pod = lab.add_pod(index, n, address, str(gateway.ip), mtu)
         # As a CNI's gratuitous ARP would: the host learns the pod's MAC and port now, so the
         # bpf decap can hand it packets from the first one on (not only after it spoke).
@@ -381,7 +398,8 @@ def pods_attached(host: Host) -> bool:
     if host.agent is None or host.agent.backend != "bpf" or not host.pods:
         return True
     with in_netns(host.netns):
-        return all(any(f.name == "tc_encap_from_pods" for f in list_tc(pod.host_veth)) for pod in host.pods)
+        return all(any(f.name == "tc_encap_from_pods" for f in list_tc(pod.host_veth))
+                   for pod in host.pods if pod.device == "veth")
 
 
 def wait_ready(lab: Lab, indices: Iterable[int], timeout: float = READY_TIMEOUT,
@@ -434,7 +452,7 @@ def up(spec: LabSpec, progress: Progress = NoProgress(), keep_on_failure: bool =
 
         progress.stage("pods", spec.hosts * spec.pods)
         for host in lab.hosts:
-            add_pods(lab, host.index, spec.pods, progress)
+            add_pods(lab, host.index, spec.pods, progress, spec.pod_devices)
 
         progress.stage("ready", spec.hosts)
         wait_ready(lab, [h.index for h in lab.hosts], progress=progress)

@@ -70,11 +70,12 @@ class Pod:
     host: int
     index: int
     netns: str
-    host_veth: str     # in the host namespace, enslaved to the host's pod bridge
-    address: str       # "10.244.1.2/24"
-    gateway: str       # "10.244.1.1"
+    host_veth: str     # in the host namespace: a port of the pod bridge, or the routed pod's own device
+    address: str       # "10.244.1.2/24" (a bridge pod), "10.244.1.2/32" (a routed pod)
+    gateway: str       # "10.244.1.1"; "" on netkit, whose default route is the device
     mtu: int
     ifname: str = POD_IFNAME
+    device: str = "veth"  # veth (on the bridge) | netkit | routed-veth (both by flannel-bpf-cni)
 
     @property
     def ip(self) -> str:

@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
                     help="hosts on a second underlay subnet behind a router, e.g. 3,4")
     up.add_argument("--direct-routing", action="store_true",
                     help="Backend.DirectRouting: no encapsulation between hosts on one L2 segment")
+    up.add_argument("--pod-device", type=_name_list, default=("veth",), metavar="D1,D2,...",
+                    help="pod devices, cycled over each host's pods: veth (a port of cni0, default), "
+                         "netkit or routed-veth (made by flannel-bpf-cni)")
     up.add_argument("--decap", choices=("auto", "xdp", "tc"), help="decap hook of bpf hosts")
     up.add_argument("--vni", type=int, default=1, help="VXLAN network identifier (default 1)")
     up.add_argument("--keep-on-failure", action="store_true",
@@ -123,7 +126,7 @@ def run_up(args: argparse.Namespace) -> int:
     spec = orch.LabSpec(name=args.name, hosts=args.hosts, pods=args.pods, backend=args.backend,
                         backends=args.backends, etcd_members=args.etcd,
                         second_subnet=args.second_subnet, direct_routing=args.direct_routing,
-                        decap=args.decap, vni=args.vni)
+                        decap=args.decap, vni=args.vni, pod_devices=args.pod_device)
     console = make_console()
     try:
         spec.validate()

@@ -150,7 +150,7 @@ def counters(host: Host) -> dict[str, int]:
 # 198.18.1.0/24), pod network and device names. Other work on this machine (the VM lab's
 # libvirt bridges on 198.18.2-3.0/24) changes the root namespace too and must not count.
 LAB_FOOTPRINT = re.compile(r"198\.18\.[01]\.|198\.18\.0\.0/15|10\.244\.|flannel|FLANNEL|cni0|fbpf-|"
-                           r"br-ul|vethp\d|\bh\d+-eth0|rt-eth\d|own9")
+                           r"br-ul|vethp\d|\bh\d+-eth0|rt-eth\d|own9|\b(lxc|veth)[0-9a-f]{11}\b")
 
 
 def root_snapshot() -> dict[str, set[str]]:

@@ -38,6 +38,8 @@ def test_host_gw_cannot_be_mixed(backends):
     (LabSpec(hosts=3, backends=("bpf", "vxlan")), "names 2 backends for 3 hosts"),
     (LabSpec(hosts=2, backends=("bpf", "calico")), "unknown backend 'calico'"),
     (LabSpec(decap="ebpf"), "--decap must be"),
+    (LabSpec(pod_devices=("veth", "macvlan")), "--pod-device 'macvlan'"),
+    (LabSpec(pod_devices=()), "--pod-device"),
 ])
 def test_bad_lab_specs_are_refused_with_the_reason(spec, message):
     with pytest.raises(LabError, match=message):
@@ -47,12 +49,15 @@ def test_bad_lab_specs_are_refused_with_the_reason(spec, message):
 def test_lab_up_flags():
     args = build_parser().parse_args(["lab", "up", "--name", "x", "--hosts", "4", "--backends",
                                       "bpf,vxlan,bpf,vxlan", "--second-subnet", "3,4", "--etcd", "3",
-                                      "--direct-routing", "--decap", "tc", "--vni", "2"])
+                                      "--direct-routing", "--decap", "tc", "--vni", "2",
+                                      "--pod-device", "veth,netkit"])
     assert (args.name, args.hosts, args.backends, args.second_subnet, args.etcd) == (
         "x", 4, ("bpf", "vxlan", "bpf", "vxlan"), (3, 4), 3)
     assert args.direct_routing and args.decap == "tc" and args.vni == 2
+    assert args.pod_device == ("veth", "netkit")
     defaults = build_parser().parse_args(["lab", "up"])
     assert (defaults.name, defaults.hosts, defaults.pods, defaults.backend) == ("lab", 3, 2, "bpf")
+    assert defaults.pod_device == ("veth",)
 
 
 def test_lab_up_rejects_a_bad_host_list(capsys):
