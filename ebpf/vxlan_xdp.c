@@ -106,7 +106,7 @@ FL_PROGRAM(xdp_decap, struct xdp_md, ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	const __u32 len = data_end - data;
 	struct fl_local_config *cfg = fl_local_config();
-	struct fl_vxlan_view view = {}; /* all of it: clang may spill a field no path set */
+	struct fl_vxlan_view view;
 	struct ethhdr *eth;
 	__u32 stat;
 
@@ -203,7 +203,7 @@ FL_PROGRAM(tc_decap, struct __sk_buff, skb)
 {
 	const __u32 len = skb->len;
 	struct fl_local_config *cfg = fl_local_config();
-	struct fl_vxlan_view view = {}; /* all of it: clang may spill a field no path set */
+	struct fl_vxlan_view view;
 	void *data, *data_end;
 	__u32 stat;
 

@@ -110,6 +110,35 @@ static __always_inline __u8 fl_outer_tos(__u8 inner_tos)
 	return ecn == 3 ? 2 : ecn;
 }
 
+static __always_inline __u32 fl_parse_udp_at(struct ethhdr *eth, struct iphdr *iph, void *data_end,
+					     __u32 ip_room, __u16 port, int tagged, struct fl_vxlan_view *view)
+{
+	__u32 not_for_port = tagged ? FL_STAT_PASS_VLAN_TAGGED : FL_STAT_PASS_NOT_VXLAN;
+	struct udphdr *udp;
+	__u32 tot_len;
+
+	if ((void *)(iph + 1) > data_end)
+		return FL_STAT_PASS_MALFORMED;
+	if (iph->version != 4 || iph->ihl < 5)
+		return FL_STAT_PASS_MALFORMED;
+	tot_len = bpf_ntohs(iph->tot_len);
+	/* Shorter than its header, or longer than what arrived: ip_rcv drops it. */
+	if (tot_len < (__u32)iph->ihl * 4 || tot_len > ip_room)
+		return FL_STAT_PASS_MALFORMED;
+	view->outer_eth = eth;
+	view->outer_ip = iph;
+	if (iph->protocol != IPPROTO_UDP)
+		return not_for_port;
+	if (iph->frag_off & bpf_htons(FL_IP_OFFSET))
+		return FL_STAT_PASS_OUTER_FRAGMENT;
+	udp = iph->ihl == 5 ? (void *)(iph + 1) : (void *)iph + iph->ihl * 4;
+	if ((void *)(udp + 1) > data_end)
+		return FL_STAT_PASS_MALFORMED;
+	if (udp->dest != bpf_htons(port))
+		return not_for_port;
+	return FL_STAT_NONE;
+}
+
 /*
  * Is this UDP to our VXLAN port? Returns FL_STAT_NONE with the outer headers
  * in *view when it is (also with IPv4 options, as a first fragment or behind
@@ -123,46 +152,22 @@ static __always_inline __u32 fl_parse_udp_to_port(void *data, void *data_end, __
 {
 	struct ethhdr *eth = data;
 	struct fl_vlan_hdr *vlan;
-	struct iphdr *iph;
-	struct udphdr *udp;
-	__u32 l2_len = sizeof(*eth), tot_len;
-	__be16 proto;
 
 	view->tagged = 0;
 	if ((void *)(eth + 1) > data_end)
 		return FL_STAT_PASS_MALFORMED;
-	proto = eth->h_proto;
-	view->tagged = fl_eth_is_vlan(proto);
-	if (view->tagged) {
-		vlan = (void *)(eth + 1);
-		if ((void *)(vlan + 1) > data_end)
-			return FL_STAT_PASS_MALFORMED;
-		proto = vlan->encapsulated_proto;
-		l2_len += sizeof(*vlan);
-	}
-	if (proto != bpf_htons(ETH_P_IP))
-		return view->tagged ? FL_STAT_PASS_VLAN_TAGGED : FL_STAT_PASS_NOT_IPV4;
-	iph = data + l2_len;
-	if ((void *)(iph + 1) > data_end)
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) /* the common case, at constant offsets */
+		return fl_parse_udp_at(eth, (void *)(eth + 1), data_end, pkt_len - sizeof(*eth), port, 0, view);
+	if (!fl_eth_is_vlan(eth->h_proto))
+		return FL_STAT_PASS_NOT_IPV4;
+	view->tagged = 1;
+	vlan = (void *)(eth + 1);
+	if ((void *)(vlan + 1) > data_end)
 		return FL_STAT_PASS_MALFORMED;
-	if (iph->version != 4 || iph->ihl < 5)
-		return FL_STAT_PASS_MALFORMED;
-	tot_len = bpf_ntohs(iph->tot_len);
-	/* Shorter than its header, or longer than what arrived: ip_rcv drops it. */
-	if (tot_len < (__u32)iph->ihl * 4 || tot_len > pkt_len - l2_len)
-		return FL_STAT_PASS_MALFORMED;
-	view->outer_eth = eth;
-	view->outer_ip = iph;
-	if (iph->protocol != IPPROTO_UDP)
-		return view->tagged ? FL_STAT_PASS_VLAN_TAGGED : FL_STAT_PASS_NOT_VXLAN;
-	if (iph->frag_off & bpf_htons(FL_IP_OFFSET))
-		return FL_STAT_PASS_OUTER_FRAGMENT;
-	udp = (void *)iph + iph->ihl * 4;
-	if ((void *)(udp + 1) > data_end)
-		return FL_STAT_PASS_MALFORMED;
-	if (udp->dest != bpf_htons(port))
-		return view->tagged ? FL_STAT_PASS_VLAN_TAGGED : FL_STAT_PASS_NOT_VXLAN;
-	return FL_STAT_NONE;
+	if (vlan->encapsulated_proto != bpf_htons(ETH_P_IP))
+		return FL_STAT_PASS_VLAN_TAGGED;
+	return fl_parse_udp_at(eth, (void *)(vlan + 1), data_end, pkt_len - sizeof(*eth) - sizeof(*vlan), port, 1,
+			       view);
 }
 
 /*
