@@ -110,7 +110,7 @@ class Agent:
             self.registry, self.config, attrs, mtu=self.config.backend.pod_mtu(self.uplink.mtu),
             ip_masq=self.options.ip_masq, subnet_file=self.options.subnet_file, sink=self,
             on_lease_reacquired=self._lease_reacquired, ttl=self.options.lease_ttl,
-            renew_margin=self.options.renew_margin)
+            renew_margin=self.options.renew_margin, own_addresses={self.uplink.ip})
         self.backend.prepare()
         lease = self.manager.start()
         log.info("lease %s acquired; subnet.env written to %s", lease.subnet, self.options.subnet_file)
@@ -200,7 +200,8 @@ class Agent:
     # -- health and metrics ------------------------------------------------------------------
 
     def is_ready(self) -> bool:
-        return self._ready.is_set()
+        """Programmed and still hearing from etcd: a dead peer watch means peers may be stale."""
+        return self._ready.is_set() and self.manager.watch_down_for() is None
 
     def _start_health(self) -> None:
         if not self.options.healthz_port:
@@ -218,7 +219,10 @@ class Agent:
         lease = self.manager.lease if self.manager else None
         return {
             "ready": self.is_ready(),
-            "peers": len(self.manager.peers()) if self.manager else 0,
+            "peers": len(self.backend.programmed) if self.backend is not None else 0,
+            "leases_skipped": self.manager.skipped.current() if self.manager else {},
+            "leases_skipped_total": self.manager.skipped.total.copy() if self.manager else {},
+            "etcd_watch_up": bool(self.manager) and self.manager.watch_down_for() is None,
             "map_entries": entries,
             "counters": counters,
             "lease_expiry": lease.expires_at if lease else None,

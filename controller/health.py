@@ -1,7 +1,7 @@
 """flanneld's health endpoints plus Prometheus metrics, on one small HTTP server.
 
 /healthz answers 200 while the agent runs; /readyz answers 200 once the data plane is programmed
-and subnet.env is written, 503 before; /metrics is the Prometheus text format, collected on
+and subnet.env is written and while the etcd peer watch is up, 503 otherwise; /metrics is the Prometheus text format, collected on
 each scrape from the agent (nothing is computed between scrapes).
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 class AgentCollector:
     """Reads the agent's state at scrape time. `snapshot()` returns a dict with: peers,
     map_entries {map: count}, counters {name: (packets, bytes)}, lease_expiry (unix time or
-    None), etcd_reconnects, lease_reacquired, ready, and optionally iptables_restored,
-    peer_events_pending, fallback_pending, netlink_failures."""
+    None), etcd_reconnects, lease_reacquired, ready, and optionally leases_skipped and
+    leases_skipped_total {reason: count}, etcd_watch_up, iptables_restored, peer_events_pending,
+    fallback_pending, netlink_failures."""
 
     def __init__(self, snapshot: Callable[[], dict]):
         self.snapshot = snapshot
@@ -31,7 +32,19 @@ class AgentCollector:
         s = self.snapshot()
         yield _gauge("flannel_bpf_ready", "1 once the data plane is programmed and subnet.env written",
                      int(s["ready"]))
-        yield _gauge("flannel_bpf_peers", "peer leases known from etcd", s["peers"])
+        yield _gauge("flannel_bpf_peers", "peers programmed (valid leases of other nodes)", s["peers"])
+        skipped = GaugeMetricFamily("flannel_bpf_leases_skipped", "leases in etcd skipped now, by reason",
+                                    labels=["reason"])
+        skipped_total = CounterMetricFamily("flannel_bpf_lease_skips", "leases skipped (each new reason "
+                                            "for a key, as logged), by reason", labels=["reason"])
+        for reason, count in sorted(s.get("leases_skipped", {}).items()):
+            skipped.add_metric([reason], count)
+        for reason, count in sorted(s.get("leases_skipped_total", {}).items()):
+            skipped_total.add_metric([reason], count)
+        yield skipped
+        yield skipped_total
+        yield _gauge("flannel_bpf_etcd_watch_up", "1 while the etcd peer watch is established",
+                     int(s.get("etcd_watch_up", False)))
         entries = GaugeMetricFamily("flannel_bpf_map_entries", "entries in each BPF map", labels=["map"])
         for name, count in sorted(s["map_entries"].items()):
             entries.add_metric([name], count)

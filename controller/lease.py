@@ -82,6 +82,11 @@ def vxlan_backend_data(vni: int, vtep_mac: str) -> dict:
     return {"VNI": check_vni(vni), "VtepMAC": parse_mac(vtep_mac, "VtepMAC")}
 
 
+def lease_type_of(backend_type: str) -> str:
+    """The BackendType a node with this Backend.Type publishes and reads from its peers."""
+    return "vxlan" if backend_type == "bpf" else backend_type
+
+
 def node_lease_attrs(backend_type: str, public_ip: IPv4Address | str, vni: int = 1,
                      vtep_mac: str | None = None) -> LeaseAttrs:
     """What a node with this Backend.Type publishes. "bpf" publishes flannel's vxlan lease (same
@@ -110,14 +115,32 @@ def parse_subnet_key(key: str | bytes) -> IPv4Network:
     text = key.decode(errors="replace") if isinstance(key, bytes) else key
     match = _SUBNET_KEY.search(text)
     if not match:
-        raise LeaseFormatError(f"key {text!r} does not end in a subnet like 10.5.52.0-24")
+        raise LeaseFormatError(f"key {_shorten(text)!r} does not end in a subnet like 10.5.52.0-24")
     try:
         prefixlen = int(match.group(2))
         if prefixlen > 32:
             raise ValueError
         return IPv4Network((IPv4Address(match.group(1)), prefixlen))
     except ValueError:
-        raise LeaseFormatError(f"key {text!r} does not name an aligned IPv4 subnet") from None
+        raise LeaseFormatError(f"key {_shorten(text)!r} does not name an aligned IPv4 subnet") from None
+
+
+def parse_lease_key(key: str | bytes, subnets_key_prefix: str) -> IPv4Network:
+    """The subnet of a key directly under `subnets_key_prefix` (<prefix>/subnets/), spelled as
+    flannel spells it. A deeper key or any other text around the subnet raises
+    LeaseFormatError: two keys must never name the same subnet."""
+    text = key.decode(errors="replace") if isinstance(key, bytes) else key
+    name = text[len(subnets_key_prefix):] if text.startswith(subnets_key_prefix) else text
+    subnet = parse_subnet_key(name)
+    if name.split("&", 1)[0] != f"{subnet.network_address}-{subnet.prefixlen}":
+        raise LeaseFormatError(f"key {_shorten(text)!r} is not {subnets_key_prefix}"
+                               f"{subnet.network_address}-{subnet.prefixlen}")
+    return subnet
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    """Text quoted in a message: a hostile key or value may be a megabyte long."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def encode_go_json(value: Any) -> str:
@@ -161,7 +184,7 @@ def decode_lease(key: str | bytes, value: bytes | str, **bookkeeping) -> Lease:
     try:
         public_ip = IPv4Address(public_ip)
     except ValueError:
-        raise LeaseFormatError(f"PublicIP {public_ip!r} is not an IPv4 address") from None
+        raise LeaseFormatError(f"PublicIP {_shorten(public_ip)!r} is not an IPv4 address") from None
     public_ipv6 = attrs.get("PublicIPv6")
     if public_ipv6 is not None and not isinstance(public_ipv6, str):
         raise LeaseFormatError("PublicIPv6 is neither null nor a string")

@@ -8,6 +8,7 @@ while the server is down and cannot be resumed from a revision by its caller aft
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
 import threading
@@ -24,7 +25,7 @@ import grpc
 
 from flannel_bpf.controller.config import NetworkConfig, parse_network_config
 from flannel_bpf.controller.lease import (Lease, LeaseAttrs, LeaseFormatError, decode_lease, encode_lease_value,
-                                         parse_subnet_key, subnet_key, subnets_prefix)
+                                         parse_lease_key, subnet_key, subnets_prefix)
 from flannel_bpf.loader.netdefs import DEFAULT_ETCD_PREFIX
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),
 ]
+STILL_WAITING_EVERY = 30.0  # seconds between reminders while etcd or the config is missing
 _UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
@@ -137,15 +139,18 @@ class LeaseChange:
     invalid: InvalidEntry | None = None  # for a key or value that does not parse
 
 
-def decode_entry(key: bytes, value: bytes, mod_revision: int = 0, lease_id: int = 0) -> Lease | InvalidEntry:
+def decode_entry(key: bytes, value: bytes, subnets_key_prefix: str, mod_revision: int = 0,
+                 lease_id: int = 0) -> Lease | InvalidEntry:
+    """A lease, or why the key or value is unusable. Only a key spelled as flannel spells it
+    (<prefix>/subnets/10.5.52.0-24) names a subnet."""
     text_key = key.decode(errors="replace")
+    try:
+        subnet = parse_lease_key(text_key, subnets_key_prefix)
+    except LeaseFormatError as exc:
+        return InvalidEntry(key=text_key, value=bytes(value), reason=str(exc))
     try:
         return decode_lease(text_key, value, mod_revision=mod_revision, etcd_lease_id=lease_id)
     except LeaseFormatError as exc:
-        try:
-            subnet = parse_subnet_key(text_key)
-        except LeaseFormatError:
-            subnet = None
         return InvalidEntry(key=text_key, value=bytes(value), reason=str(exc), subnet=subnet)
 
 
@@ -154,6 +159,13 @@ class SubnetRegistry:
 
     def __init__(self, options: EtcdOptions):
         self.options = options
+        for endpoint in options.endpoints:
+            scheme, host, _ = parse_endpoint(endpoint)
+            if scheme == "http" and not _is_loopback(host):
+                secret = " and the etcd password" if options.username else ""
+                log.warning("etcd endpoint %s is plain HTTP: leases%s cross the network unencrypted and "
+                            "unauthenticated; use https with --etcd-cafile/--etcd-certfile/--etcd-keyfile",
+                            endpoint, secret)
         self._lock = threading.Lock()
         self._clients: dict[str, etcd3.Etcd3Client] = {}
         self._current = 0
@@ -261,7 +273,7 @@ class SubnetRegistry:
         """flanneld's startup: wait (checking every `interval` s) until <prefix>/config exists and
         while etcd is unreachable. A config that exists but is bad raises ConfigError at once."""
         stop = stop or threading.Event()
-        complained = None
+        complained, started, last_said = None, time.monotonic(), 0.0
         while True:
             try:
                 config = self.get_network_config()
@@ -270,9 +282,13 @@ class SubnetRegistry:
                 problem = f"no network config at {self.options.config_key} yet; waiting for one"
             except EtcdUnavailable as exc:
                 problem = f"etcd unreachable ({exc}); retrying"
+            now = time.monotonic()
             if problem != complained:
                 log.warning("%s", problem)
-                complained = problem
+                complained, last_said = problem, now
+            elif now - last_said >= STILL_WAITING_EVERY:  # never silent for long
+                log.warning("still waiting after %d s: %s", now - started, problem)
+                last_said = now
             if stop.wait(interval):
                 raise InterruptedError("stopped while waiting for the network config")
 
@@ -287,10 +303,11 @@ class SubnetRegistry:
 
     def list_leases(self) -> LeaseListing:
         """Every lease under <prefix>/subnets/ and the etcd revision the listing is as of."""
-        response = self._call(lambda c: c.get_prefix_response(subnets_prefix(self.options.prefix)))
+        prefix = subnets_prefix(self.options.prefix)
+        response = self._call(lambda c: c.get_prefix_response(prefix))
         leases, invalid = [], []
         for kv in response.kvs:
-            entry = decode_entry(kv.key, kv.value, kv.mod_revision, kv.lease)
+            entry = decode_entry(kv.key, kv.value, prefix, kv.mod_revision, kv.lease)
             (leases if isinstance(entry, Lease) else invalid).append(entry)
         return LeaseListing(revision=response.header.revision, leases=leases, invalid=invalid)
 
@@ -299,7 +316,8 @@ class SubnetRegistry:
         value, meta = self._call(lambda c: c.get(key))
         if value is None:
             return None
-        return decode_entry(key.encode(), value, meta.mod_revision, meta.lease_id)
+        return decode_entry(key.encode(), value, subnets_prefix(self.options.prefix), meta.mod_revision,
+                            meta.lease_id)
 
     def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
         """Create the lease if the key does not exist (flannel's If(Version(key)==0) Then(Put)).
@@ -376,6 +394,7 @@ class LeaseWatch:
         self._call = etcdrpc.WatchStub(client.channel).Watch(
             self._request_stream(), credentials=client.call_credentials, metadata=metadata)
         self.start_revision = start_revision
+        self._prefix = prefix.decode()
 
     def _request_stream(self):
         while True:
@@ -393,7 +412,7 @@ class LeaseWatch:
                     raise EtcdUnavailable(f"etcd cancelled the watch: {response.cancel_reason or 'no reason given'}")
                 if response.created or response.events:
                     # An empty list on creation tells the caller the stream is up.
-                    yield [_change(event) for event in response.events]
+                    yield [_change(event, self._prefix) for event in response.events]
         except grpc.RpcError as exc:
             if self._cancelled.is_set():
                 return
@@ -407,18 +426,27 @@ class LeaseWatch:
         self._call.cancel()
 
 
-def _change(event) -> LeaseChange:
+def _change(event, subnets_key_prefix: str) -> LeaseChange:
     key = event.kv.key.decode(errors="replace")
     if event.type == event.DELETE:
         try:
-            subnet = parse_subnet_key(key)
+            subnet = parse_lease_key(key, subnets_key_prefix)
         except LeaseFormatError:
             subnet = None
         return LeaseChange(kind="delete", key=key, revision=event.kv.mod_revision, subnet=subnet)
-    entry = decode_entry(event.kv.key, event.kv.value, event.kv.mod_revision, event.kv.lease)
+    entry = decode_entry(event.kv.key, event.kv.value, subnets_key_prefix, event.kv.mod_revision, event.kv.lease)
     if isinstance(entry, Lease):
         return LeaseChange(kind="put", key=key, revision=event.kv.mod_revision, subnet=entry.subnet, lease=entry)
     return LeaseChange(kind="put", key=key, revision=event.kv.mod_revision, subnet=entry.subnet, invalid=entry)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
 
 
 def _prefix_end(prefix: bytes) -> bytes:

@@ -17,12 +17,14 @@ import queue
 import random
 import threading
 import time
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Callable, Iterable
 
 from flannel_bpf.controller.config import NetworkConfig
-from flannel_bpf.controller.lease import Lease, LeaseAttrs
+from flannel_bpf.controller.lease import Lease, LeaseAttrs, subnet_key
+from flannel_bpf.controller.lease_check import (BAD_KEY, BAD_VALUE, LeaseProblem, SkippedLeases, lease_problem,
+                                                subnet_problem)
 from flannel_bpf.controller.peers import PeerEvent, PeerSink, PeerTable
 from flannel_bpf.controller.registry import (EtcdError, InvalidEntry, LeaseChange, LeaseListing, LeaseWatch,
                        SubnetRegistry, WatchCompacted)
@@ -76,7 +78,7 @@ class SubnetManager:
                  on_lease_reacquired: Callable[[Lease, Lease], None] | None = None,
                  ttl: int = SUBNET_TTL, renew_margin: float = DEFAULT_RENEW_MARGIN,
                  renew_retry: float = DEFAULT_RENEW_RETRY, backoff_initial: float = 0.1,
-                 backoff_max: float = 5.0):
+                 backoff_max: float = 5.0, own_addresses: Iterable[IPv4Address] = ()):
         if int(ttl) < 1:
             raise ValueError(f"lease TTL must be at least 1 s (got {ttl})")
         if not 0 <= renew_margin < ttl:
@@ -99,6 +101,8 @@ class SubnetManager:
         self.renew_retry = renew_retry
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        # A peer lease naming one of these as its PublicIP is skipped (our own lease aside).
+        self.own_addresses = frozenset({attrs.public_ip, *own_addresses})
 
         self._lease: Lease | None = None
         self._peers = PeerTable()
@@ -115,9 +119,10 @@ class SubnetManager:
         self._stream_lock = threading.Lock()
         self._events: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
-        self._reported_invalid: set[tuple[str, bytes]] = set()
+        self.skipped = SkippedLeases()
         self.reacquired_count = 0
         self.reconnect_count = 0  # etcd outages the watch came back from
+        self._watch_down_since: float | None = time.monotonic()  # None while the watch is up
 
     # -- public ------------------------------------------------------------------------------
 
@@ -129,6 +134,12 @@ class SubnetManager:
         """The peers as the watcher knows them now (it may be ahead of the delivered events)."""
         with self._peers_lock:
             return self._peers.snapshot()
+
+    def watch_down_for(self) -> float | None:
+        """Seconds the peer watch has been down (not yet up, or broken and reconnecting);
+        None while it is up."""
+        since = self._watch_down_since
+        return None if since is None else time.monotonic() - since
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         """True once the first full peer listing has been turned into events."""
@@ -180,7 +191,9 @@ class SubnetManager:
                 continue
             if reused is not None:
                 return reused
-            taken = set(listing.taken()) | lost_races
+            # Only keys that are subnets of this network take a subnet: a key such as /16 or
+            # 0.0.0.0-0 is never programmed, so it must not stop new nodes joining either.
+            taken = {t for t in listing.taken() if subnet_problem(t, self.config) is None} | lost_races
             subnet = self._previous_if_free(previous, taken)
             if subnet is None:
                 free = first_free_subnets(self.config, taken)
@@ -329,15 +342,18 @@ class SubnetManager:
                     stream.cancel()
                 for changes in stream:
                     outage = self._end_outage(outage)
+                    self._watch_down_since = None
                     backoff = self.backoff_initial
                     for change in changes:
                         self._apply_change(change)
                         revision = max(revision, change.revision)
             except WatchCompacted as exc:
+                self._watch_down()
                 log.warning("watch from revision %d fell behind etcd compaction (%s); re-listing", revision + 1,
                             exc.compact_revision)
                 revision = None
             except Exception as exc:  # EtcdError is expected; anything else is a bug, but keep watching
+                self._watch_down()
                 if not isinstance(exc, EtcdError):
                     log.exception("peer watch failed unexpectedly")
                 elif outage is None:
@@ -350,6 +366,10 @@ class SubnetManager:
             finally:
                 with self._stream_lock:
                     self._stream = None
+
+    def _watch_down(self) -> None:
+        if self._watch_down_since is None:
+            self._watch_down_since = time.monotonic()
 
     def _end_outage(self, outage: str | None) -> None:
         """Log and count the end of an outage (if there was one); returns the new outage state, None."""
@@ -365,8 +385,9 @@ class SubnetManager:
     def _apply_listing(self, listing: LeaseListing) -> None:
         with self._own_lock:
             own = self._lease
+            self.skipped.retain(entry.key for entry in listing.invalid)  # forget keys that are gone
             for entry in listing.invalid:
-                self._report_invalid(entry)
+                self._skip_invalid(entry)
             leases = {lease.subnet: lease for lease in listing.leases}
             if listing.revision >= own.mod_revision:
                 mine = leases.get(own.subnet)
@@ -374,17 +395,24 @@ class SubnetManager:
                     self._signal_lease_lost("is missing from etcd" if mine is None
                                             else f"is now held by {mine.public_ip}")
             leases.pop(own.subnet, None)
+            peers = {}
+            for subnet, lease in leases.items():
+                problem = self._peer_problem(lease)
+                if problem is None:
+                    peers[subnet] = lease
+                else:
+                    self.skipped.skip(self._key_of(lease), problem)
             with self._peers_lock:
-                events = self._peers.reset(leases)
+                events = self._peers.reset(peers)
             for event in events:
                 self._announce(event)
         self._synced.set()
 
     def _apply_change(self, change: LeaseChange) -> None:
         if change.invalid is not None:
-            self._report_invalid(change.invalid)
+            self._skip_invalid(change.invalid)
         elif change.kind == "delete":
-            self._reported_invalid = {r for r in self._reported_invalid if r[0] != change.key}
+            self.skipped.forget(change.key)
         if change.subnet is None:
             return
         with self._own_lock:
@@ -398,16 +426,27 @@ class SubnetManager:
                     holder = change.lease.public_ip if change.lease else "an unparseable value"
                     self._signal_lease_lost(f"was overwritten by {holder}")
                 return
+            lease = change.lease
+            if lease is not None:
+                problem = self._peer_problem(lease)
+                if problem is None:
+                    self.skipped.forget(change.key)
+                else:
+                    self.skipped.skip(change.key, problem)
+                    lease = None  # a peer whose lease turns unusable is removed
             with self._peers_lock:
-                event = self._peers.apply(change.subnet, change.lease)
+                event = self._peers.apply(change.subnet, lease)
             if event is not None:
                 self._announce(event)
 
-    def _report_invalid(self, entry: InvalidEntry) -> None:
-        marker = (entry.key, entry.value)
-        if marker not in self._reported_invalid:
-            self._reported_invalid.add(marker)
-            log.warning("skipping lease %s: %s", entry.key, entry.reason)
+    def _peer_problem(self, lease: Lease) -> LeaseProblem | None:
+        return lease_problem(lease, self.config, self.own_addresses)
+
+    def _key_of(self, lease: Lease) -> str:
+        return subnet_key(self.registry.options.prefix, lease.subnet)
+
+    def _skip_invalid(self, entry: InvalidEntry) -> None:
+        self.skipped.skip(entry.key, LeaseProblem(BAD_KEY if entry.subnet is None else BAD_VALUE, entry.reason))
 
     def _announce(self, event: PeerEvent) -> None:
         log.info("%s", event.describe())
