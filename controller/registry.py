@@ -40,6 +40,13 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),
 ]
+# An idle watch on a hung connection (no error, no bytes) looks like a quiet cluster, and gRPC's
+# keepalive stops pinging a connection that carries no data. So a watch silent for
+# WATCH_PROBE_AFTER s asks etcd for a progress report and fails if none comes in WATCH_PROBE_TIMEOUT s.
+WATCH_PROBE_AFTER = 10.0
+WATCH_PROBE_TIMEOUT = 5.0
+# WatchRequest{progress_request: {}} (field 3, etcd >= 3.4; etcd3's generated messages predate it).
+_PROGRESS_REQUEST = b"\x1a\x00"
 STILL_WAITING_EVERY = 30.0  # seconds between reminders while etcd or the config is missing
 _UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
@@ -380,25 +387,42 @@ class SubnetRegistry:
 
 class LeaseWatch:
     """One etcd watch stream. Iterate it for lists of LeaseChange (one list per etcd response,
-    an empty one when the watch is created); it raises WatchCompacted, EtcdUnavailable or
-    EtcdError, and ends after cancel()."""
+    an empty one when the watch is created); it raises WatchCompacted, EtcdUnavailable (also when
+    the stream goes silent and etcd does not answer a progress request) or EtcdError, and ends
+    after cancel()."""
 
     def __init__(self, client: etcd3.Etcd3Client, prefix: bytes, start_revision: int):
         self._requests: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
+        self._silent = threading.Event()
+        self._heard = time.monotonic()
+        self._probe_after, self._probe_timeout = WATCH_PROBE_AFTER, WATCH_PROBE_TIMEOUT
         create = etcdrpc.WatchCreateRequest(key=prefix, range_end=_prefix_end(prefix),
                                             start_revision=start_revision)
         self._requests.put(etcdrpc.WatchRequest(create_request=create))
         # "hasleader": etcd cancels the watch when its member loses the cluster leader.
         metadata = tuple(client.metadata or ()) + (("hasleader", "true"),)
-        self._call = etcdrpc.WatchStub(client.channel).Watch(
-            self._request_stream(), credentials=client.call_credentials, metadata=metadata)
+        watch = client.channel.stream_stream("/etcdserverpb.Watch/Watch", request_serializer=_serialize,
+                                             response_deserializer=etcdrpc.WatchResponse.FromString)
+        self._call = watch(self._request_stream(), credentials=client.call_credentials, metadata=metadata)
         self.start_revision = start_revision
         self._prefix = prefix.decode()
 
     def _request_stream(self):
+        probe_sent = None
         while True:
-            request = self._requests.get()
+            try:
+                request = self._requests.get(timeout=min(1.0, self._probe_timeout / 2))
+            except queue.Empty:
+                now = time.monotonic()
+                if probe_sent is not None and self._heard < probe_sent and now - probe_sent > self._probe_timeout:
+                    self._silent.set()
+                    self._call.cancel()
+                    return
+                if now - self._heard > self._probe_after and (probe_sent is None or self._heard >= probe_sent):
+                    probe_sent = now
+                    yield _PROGRESS_REQUEST
+                continue
             if request is None:
                 return
             yield request
@@ -406,6 +430,7 @@ class LeaseWatch:
     def __iter__(self) -> Iterator[list[LeaseChange]]:
         try:
             for response in self._call:
+                self._heard = time.monotonic()
                 if response.compact_revision:
                     raise WatchCompacted(response.compact_revision)
                 if response.canceled:
@@ -414,6 +439,9 @@ class LeaseWatch:
                     # An empty list on creation tells the caller the stream is up.
                     yield [_change(event, self._prefix) for event in response.events]
         except grpc.RpcError as exc:
+            if self._silent.is_set():
+                raise EtcdUnavailable(f"watch: no answer from etcd for {self._probe_after + self._probe_timeout:g} s "
+                                      f"(a hung connection?)") from None
             if self._cancelled.is_set():
                 return
             raise _translate(exc, "watch") from None
@@ -424,6 +452,10 @@ class LeaseWatch:
         self._cancelled.set()
         self._requests.put(None)
         self._call.cancel()
+
+
+def _serialize(request) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
 
 
 def _change(event, subnets_key_prefix: str) -> LeaseChange:

@@ -209,6 +209,57 @@ def test_health_readiness_and_metrics(shared):
     assert packets["encap_vxlan"] > 0 and packets["decap_to_pod"] > 0
 
 
+# Keys that name the underlay, one underlay host, all private /8 traffic, everything, the whole
+# pod network; and PublicIPs no node can have. Each with an otherwise valid vxlan value.
+HOSTILE_KEYS = ("198.18.0.0-24", "198.18.0.12-32", "10.0.0.0-8", "0.0.0.0-0", "10.244.0.0-16")
+UNUSABLE_PUBLIC_IPS = ("0.0.0.0", "224.0.0.1", "255.255.255.255", "127.0.0.1", "10.244.9.5")
+
+
+def _routes_outside_the_pod_network(host: Host) -> set[str]:
+    lines = run_in_netns(host.netns, ["ip", "-4", "-o", "route", "show", "table", "all"]).stdout.splitlines()
+    return {line for line in lines if "10.244." not in line.split(" ")[0]}
+
+
+def test_hostile_leases_are_never_programmed_and_pods_keep_talking(shared):
+    lab = shared.lab
+    hosts = original_hosts(lab)
+    etcd = orch.etcd_client(lab)
+    subnets_key = f"{lab.state.etcd.prefix}/subnets/"
+    *bad_ip_subnets, marker = free_subnets(lab, len(UNUSABLE_PUBLIC_IPS) + 2)
+    own_ip_subnet = bad_ip_subnets.pop()  # names host 1's own underlay address
+    routes_before = {h.index: _routes_outside_the_pod_network(h) for h in hosts}
+    peers_before = {h.index: map_subnets(h) for h in hosts}
+    written = [subnets_key + name for name in HOSTILE_KEYS]
+    written += [orch.lease_key(lab, s) for s in bad_ip_subnets + [own_ip_subnet, marker]]
+    try:
+        for name in HOSTILE_KEYS:
+            etcd.put(subnets_key + name, fake_lease("0a:58:00:00:00:66"))
+        for subnet, ip in zip(bad_ip_subnets, UNUSABLE_PUBLIC_IPS):
+            etcd.put(orch.lease_key(lab, subnet), fake_lease("0a:58:00:00:00:67", public_ip=ip))
+        etcd.put(orch.lease_key(lab, own_ip_subnet), fake_lease("0a:58:00:00:00:68", public_ip=hosts[0].ip))
+        etcd.put(orch.lease_key(lab, marker), fake_lease("0a:58:00:00:00:69"))  # a valid one, after them all
+        for host in hosts:
+            wait_programmed(host, marker)
+        for host in hosts:
+            families = {f.name: f for f in text_string_to_metric_families(orch.metrics_text(host))}
+            skipped = {s.labels["reason"]: s.value for s in families["flannel_bpf_leases_skipped"].samples}
+            own = host is hosts[0]
+            expected_peers = peers_before[host.index] | {marker} | (set() if own else {own_ip_subnet})
+            assert map_subnets(host) == expected_peers, host.index
+            assert families["flannel_bpf_peers"].samples[0].value == len(expected_peers)
+            assert sum(skipped.values()) == len(HOSTILE_KEYS) + len(UNUSABLE_PUBLIC_IPS) + own, skipped
+            assert _routes_outside_the_pod_network(host) == routes_before[host.index], host.index
+            assert orch.readyz(host) == 200
+        matrix = orch.ping_matrix(lab)
+        assert matrix.ok, [(orch.pod_label(s), orch.pod_label(d)) for s, d, _ in matrix.failures]
+    finally:
+        for key in written:
+            etcd.delete(key)
+    for host in hosts:
+        wait_forgotten(host, marker)
+        assert map_subnets(host) == peers_before[host.index]
+
+
 # ---------------------------------------------------------------------------- a host joins and leaves
 
 
@@ -401,7 +452,7 @@ def test_kill9_under_traffic_loses_nothing_and_restart_reconciles(shared):
 def test_etcd_outage_keeps_forwarding_and_agents_resync(shared):
     lab = shared.lab
     hosts = original_hosts(lab)
-    outage = 20.0
+    outage = 30.0
     metrics_before = _etcd_reconnects(hosts[0])
     encap_before = counters(hosts[0])["encap_vxlan"]
     orch.stop_etcd(lab)
@@ -414,6 +465,9 @@ def test_etcd_outage_keeps_forwarding_and_agents_resync(shared):
         assert result.sent == 300 and result.received == 300, result
         assert counters(hosts[0])["encap_vxlan"] - encap_before >= 300  # on the bpf path
         assert all(orch.agent_running(h) for h in hosts), "an agent died while etcd was away"
+        # Peers may be stale while the watch is down: not ready, and the metric says why.
+        assert [orch.readyz(h) for h in hosts] == [503] * len(hosts)
+        assert _metric(hosts[0], "flannel_bpf_etcd_watch_up") == 0
         time.sleep(max(0.0, outage - (time.monotonic() - stopped)))
     finally:
         orch.start_etcd_again(lab)
@@ -426,6 +480,8 @@ def test_etcd_outage_keeps_forwarding_and_agents_resync(shared):
             took = wait_until(lambda: programmed(host, new_peer), 20, what=f"host {host.index} resynced")
             print(f"\nhost {host.index} programmed a lease put after the outage in {took:.2f} s")
         assert _etcd_reconnects(hosts[0]) > metrics_before
+        for host in hosts:
+            wait_until(lambda: orch.readyz(host) == 200, 10, what=f"host {host.index} ready again")
     finally:
         etcd.delete(key)
     for host in hosts:
@@ -433,9 +489,13 @@ def test_etcd_outage_keeps_forwarding_and_agents_resync(shared):
     assert orch.ping_matrix(lab).ok
 
 
-def _etcd_reconnects(host: Host) -> float:
+def _metric(host: Host, name: str) -> float:
     families = {f.name: f for f in text_string_to_metric_families(orch.metrics_text(host))}
-    return families["flannel_bpf_etcd_reconnects"].samples[0].value
+    return families[name].samples[0].value
+
+
+def _etcd_reconnects(host: Host) -> float:
+    return _metric(host, "flannel_bpf_etcd_reconnects")
 
 
 # ---------------------------------------------------------------------------- teardown
