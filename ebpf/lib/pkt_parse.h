@@ -35,6 +35,25 @@ static __always_inline int fl_mac_equal(const __u8 *a, const __u8 *b)
 }
 
 /*
+ * An IPv4 header at iph, with ip_room bytes of packet from it on (which may be
+ * more than is linear): FL_STAT_NONE when it is whole and consistent.
+ */
+static __always_inline __u32 fl_check_ipv4(const struct iphdr *iph, void *data_end, __u32 ip_room)
+{
+	__u32 tot_len;
+
+	if ((void *)(iph + 1) > data_end)
+		return FL_STAT_PASS_MALFORMED;
+	if (iph->version != 4 || iph->ihl < 5)
+		return FL_STAT_PASS_MALFORMED;
+	tot_len = bpf_ntohs(iph->tot_len);
+	/* Shorter than its header, or longer than what arrived: ip_rcv drops it. */
+	if (tot_len < (__u32)iph->ihl * 4 || tot_len > ip_room)
+		return FL_STAT_PASS_MALFORMED;
+	return FL_STAT_NONE;
+}
+
+/*
  * Ethernet + IPv4 at data, for a packet of pkt_len bytes in all (which may be
  * more than is linear). IPv4 options are allowed here; callers that cannot
  * handle them check ihl. Returns FL_STAT_NONE with eth_out and iph_out set,
@@ -45,7 +64,7 @@ static __always_inline __u32 fl_parse_eth_ipv4(void *data, void *data_end, __u32
 {
 	struct ethhdr *eth = data;
 	struct iphdr *iph = (void *)(eth + 1);
-	__u32 tot_len;
+	__u32 stat;
 
 	if ((void *)(eth + 1) > data_end)
 		return FL_STAT_PASS_MALFORMED;
@@ -53,14 +72,9 @@ static __always_inline __u32 fl_parse_eth_ipv4(void *data, void *data_end, __u32
 		return FL_STAT_PASS_VLAN_TAGGED;
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return FL_STAT_PASS_NOT_IPV4;
-	if ((void *)(iph + 1) > data_end)
-		return FL_STAT_PASS_MALFORMED;
-	if (iph->version != 4 || iph->ihl < 5)
-		return FL_STAT_PASS_MALFORMED;
-	tot_len = bpf_ntohs(iph->tot_len);
-	/* Shorter than its header, or longer than what arrived: ip_rcv drops it. */
-	if (tot_len < (__u32)iph->ihl * 4 || tot_len > pkt_len - sizeof(*eth))
-		return FL_STAT_PASS_MALFORMED;
+	stat = fl_check_ipv4(iph, data_end, pkt_len - sizeof(*eth));
+	if (stat != FL_STAT_NONE)
+		return stat;
 	*eth_out = eth;
 	*iph_out = iph;
 	return FL_STAT_NONE;

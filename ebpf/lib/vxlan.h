@@ -114,17 +114,11 @@ static __always_inline __u32 fl_parse_udp_at(struct ethhdr *eth, struct iphdr *i
 					     __u32 ip_room, __u16 port, int tagged, struct fl_vxlan_view *view)
 {
 	__u32 not_for_port = tagged ? FL_STAT_PASS_VLAN_TAGGED : FL_STAT_PASS_NOT_VXLAN;
+	__u32 stat = fl_check_ipv4(iph, data_end, ip_room);
 	struct udphdr *udp;
-	__u32 tot_len;
 
-	if ((void *)(iph + 1) > data_end)
-		return FL_STAT_PASS_MALFORMED;
-	if (iph->version != 4 || iph->ihl < 5)
-		return FL_STAT_PASS_MALFORMED;
-	tot_len = bpf_ntohs(iph->tot_len);
-	/* Shorter than its header, or longer than what arrived: ip_rcv drops it. */
-	if (tot_len < (__u32)iph->ihl * 4 || tot_len > ip_room)
-		return FL_STAT_PASS_MALFORMED;
+	if (stat != FL_STAT_NONE)
+		return stat;
 	view->outer_eth = eth;
 	view->outer_ip = iph;
 	if (iph->protocol != IPPROTO_UDP)
