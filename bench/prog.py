@@ -50,6 +50,7 @@ from flannel_bpf.loader.bpf.layout import (Action, PeerMode, STAT_ACTION, Stat, 
                                            TC_ACT_SHOT, XDP_DROP, XDP_PASS)
 from flannel_bpf.loader.bpf.maps import DataPlaneMaps, EndpointEntry, NodeConfig, PeerEntry
 from flannel_bpf.loader.bpf.program import LoadedPrograms, check_pin_dir, load_programs, program_pin
+from flannel_bpf.loader.netdefs import DEFAULT_VNI, DEFAULT_VXLAN_PORT, mac_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ ENCAP_LIVE_TARGET_NS = 200   # target: encap program cost (live) <= 200 ns
 
 LO_IFINDEX = 1  # test-run skbs live on lo; redirects are never carried out
 NODE = dict(underlay_ip="198.18.0.1", subnet="10.244.1.0/28", vtep_mac="02:fb:00:00:01:01",
-            uplink_mac="02:aa:00:00:00:01", uplink_ifindex=LO_IFINDEX, vni=1, vxlan_port=8472, mtu=1500,
-            bridge_mac="02:bb:00:00:00:01", bridge_ifindex=LO_IFINDEX)
+            uplink_mac="02:aa:00:00:00:01", uplink_ifindex=LO_IFINDEX, vni=DEFAULT_VNI,
+            vxlan_port=DEFAULT_VXLAN_PORT, mtu=1500, bridge_mac="02:bb:00:00:00:01", bridge_ifindex=LO_IFINDEX)
 PEER_VXLAN = PeerEntry.make("10.244.2.0/28", "198.18.0.2", "02:fb:00:00:01:02", PeerMode.VXLAN)
 PEER_DIRECT = PeerEntry.make("10.244.3.0/28", "198.18.0.3", "02:fb:00:00:01:03", PeerMode.DIRECT)
 PEER_UPLINK_MAC = "02:aa:00:00:00:02"
@@ -86,10 +87,6 @@ def filler_peers(count: int) -> list[PeerEntry]:
 
 # ---------------------------------------------------------------------------- packets
 
-def _mac(text: str) -> bytes:
-    return bytes.fromhex(text.replace(":", ""))
-
-
 def _checksum(header: bytes) -> int:
     total = sum(struct.unpack(f"!{len(header) // 2}H", header))
     while total >> 16:
@@ -98,7 +95,7 @@ def _checksum(header: bytes) -> int:
 
 
 def ether(dst: str, src: str, payload: bytes, ethertype: int = 0x0800) -> bytes:
-    return _mac(dst) + _mac(src) + struct.pack("!H", ethertype) + payload
+    return mac_bytes(dst) + mac_bytes(src) + struct.pack("!H", ethertype) + payload
 
 
 def ipv4(src: str, dst: str, payload: bytes, proto: int = 17, ttl: int = 64) -> bytes:
