@@ -6,20 +6,24 @@ agent's leftovers, VtepMAC changes and removals; and bursts of events coalescing
 state, through the agent's peer sink."""
 import json
 import os
+import select
+import socket
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from flannel_bpf.bench.common import SCRATCH_UPLINK, scratch_netns
 from flannel_bpf.controller.agent import Agent, AgentOptions
+from flannel_bpf.controller.backends import BpfBackend, HostGwBackend, VxlanBackend
 from flannel_bpf.controller.config import BackendConfig
 from flannel_bpf.controller.lease import Lease
+from flannel_bpf.controller.netlink_waker import _may_concern_reconcile, attach_permanent_neighbour_filter
 from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.uplink import select_uplink
-from flannel_bpf.bench.common import SCRATCH_UPLINK, scratch_netns
 from flannel_bpf.lab.run import run_in_netns
 from flannel_bpf.loader.bpf.attach import unlink_pins
-from flannel_bpf.controller.backends import BpfBackend, HostGwBackend, VxlanBackend
+from flannel_bpf.loader.bpf.maps import PeerEntry
 from flannel_bpf.loader.netns import in_netns
 
 pytestmark = pytest.mark.usefixtures("require_root")
@@ -126,7 +130,6 @@ def plant_leftovers(netns: str, backend) -> None:
                   "proto", "251"]):
         run_in_netns(netns, argv)
     if isinstance(backend, BpfBackend):
-        from flannel_bpf.loader.bpf.maps import PeerEntry
         backend.maps.upsert_peers([PeerEntry.make(gone.subnet, gone.public_ip, gone.vtep_mac)])
     assert kernel_state(netns) == expected_state([gone])
 
@@ -235,11 +238,6 @@ def test_netlink_waker_ignores_the_fallbacks_permanent_neighbours_only():
     permanent neighbours and FDB entries do not wake reconcile, a pod's neighbour and a new link
     (the pod bridge) do; both with the socket filter (dropped in the kernel) and without it
     (each datagram's headers read)."""
-    import select
-    import socket
-
-    from flannel_bpf.controller.netlink_waker import _may_concern_reconcile, attach_permanent_neighbour_filter
-
     changes = [
         (["ip", "neigh", "replace", "198.18.0.9", "lladdr", "0a:00:00:00:00:09", "dev", "eth0",
           "nud", "permanent"], False),

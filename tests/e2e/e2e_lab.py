@@ -18,6 +18,7 @@ from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.run import PingResult, nsenter_argv, parse_ping, run_in_netns
 from flannel_bpf.lab.topology import Host, run_dir, state_path
 from flannel_bpf.loader.bpf.attach import PIN_ROOT
+from flannel_bpf.loader.bpf.maps import DataPlaneMaps
 from flannel_bpf.loader.netns import list_netns
 
 RUN_TAG = secrets.token_hex(2)
@@ -49,13 +50,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.01, what: str = "c
 
 def map_subnets(host: Host) -> set[IPv4Network]:
     """Peer subnets in a bpf host's pinned peer map."""
-    from flannel_bpf.loader.bpf.maps import DataPlaneMaps
     with DataPlaneMaps(host.agent.pin_dir) as maps:
         return {p.subnet for p in maps.list_peers()}
 
 
 def peer_modes(host: Host) -> dict[IPv4Network, str]:
-    from flannel_bpf.loader.bpf.maps import DataPlaneMaps
     with DataPlaneMaps(host.agent.pin_dir) as maps:
         return {p.subnet: p.mode.name for p in maps.list_peers()}
 

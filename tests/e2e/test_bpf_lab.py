@@ -3,7 +3,9 @@ reachability over the BPF path, joins and leaves, agent crashes under traffic, a
 and `lab down` leaving nothing behind. The tests share one lab and run in file order."""
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -122,7 +124,6 @@ def test_a_new_gateway_mac_is_followed_and_pods_stay_on_the_bpf_path(shared):
 
 
 def test_status_json_matches_etcd_and_ping_command(shared):
-    import json
     lab = shared.lab
     status = cli("lab", "status", "--name", shared.name, "--json", timeout=30)
     assert status.returncode == 0, status.stderr
@@ -153,8 +154,6 @@ def test_status_json_matches_etcd_and_ping_command(shared):
 def test_a_host_of_your_own_joins_with_only_what_status_json_tells(shared):
     """Plug a node into the running lab as its JSON describes (veth into the underlay bridge, a
     free address, attach with the etcd endpoints): here a stock-style vxlan node."""
-    import json
-    import subprocess
     info = json.loads(cli("lab", "status", "--name", shared.name, "--json", timeout=30).stdout)
     join = info["join"]
     own = f"fbpf-{shared.name}-h9"   # the lab's naming, so `lab down` would also take it
