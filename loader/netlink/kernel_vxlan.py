@@ -236,9 +236,10 @@ class KernelVxlanBackend(PeerBatches):
         direct = lookups.routes_directly(peer, self.direct_routing)
         if held is not None and held.exactly(peer, direct):
             return
+        ours = held is not None and peer.subnet in held.routes
         if direct:
             self._forget_vtep(ipr, vx, vteps, peer.vtep_ip)
-            replace_route(ipr, peer.subnet, peer.public_ip, uplink)
+            replace_route(ipr, peer.subnet, peer.public_ip, uplink, ours=ours)
             return
         if peer.vtep_mac is None:
             raise PeerRejected("peer has no VtepMAC")
@@ -249,7 +250,7 @@ class KernelVxlanBackend(PeerBatches):
         ipr.fdb("replace", ifindex=vx, lladdr=peer.vtep_mac, dst=str(peer.public_ip),
                 state=_PERMANENT, flags=_NTF_SELF)
         # Last, as flannel does: the neighbour above spares the kernel an ARP for the gateway.
-        replace_route(ipr, peer.subnet, peer.vtep_ip, vx, onlink=True)
+        replace_route(ipr, peer.subnet, peer.vtep_ip, vx, onlink=True, ours=ours)
 
     def _remove(self, ipr: IPRoute, vx: int | None, vteps: "VtepNeighbours | None", peer: Peer) -> None:
         delete_route(ipr, peer.subnet)

@@ -120,9 +120,35 @@ def reject_own_address(peer: Peer, kind: str) -> None:
 
 
 def replace_route(ipr: IPRoute, dst: IPv4Network, gateway: IPv4Address, oif: int,
-                  onlink: bool = False) -> None:
-    ipr.route("replace", dst=str(dst), gateway=str(gateway), oif=oif, table=MAIN_TABLE,
-              proto=ROUTE_PROTO, flags=_RTNH_F_ONLINK if onlink else 0)
+                  onlink: bool = False, ours: bool = False) -> None:
+    """Our route to `dst`, added or replacing our earlier one (`ours`: the caller knows the
+    route there is ours). A route to the same destination that the agent did not make (the pod
+    bridge's own, an operator's) is never replaced: PeerRejected. A bare replace would take it
+    over, and removing the peer later would delete it."""
+    route = dict(dst=str(dst), gateway=str(gateway), oif=oif, table=MAIN_TABLE, proto=ROUTE_PROTO,
+                 flags=_RTNH_F_ONLINK if onlink else 0)
+    if not ours:
+        try:
+            ipr.route("add", **route)
+            return
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        holder = _route_protocol(ipr, dst)
+        if holder not in (None, ROUTE_PROTO):
+            raise PeerRejected(f"a route to {dst} that flannel-bpf did not make (protocol {holder}) "
+                               "is in the way: left alone")
+    ipr.route("replace", **route)
+
+
+def _route_protocol(ipr: IPRoute, dst: IPv4Network) -> int | None:
+    """rtm_protocol of the main table's metric-0 route to exactly `dst`, if any (a dump: only
+    asked when an add found a route there)."""
+    for r in ipr.route("dump", table=MAIN_TABLE, family=AF_INET):
+        if (r["dst_len"] == dst.prefixlen and (r.get_attr("RTA_DST") or "0.0.0.0") == str(dst.network_address)
+                and not r.get_attr("RTA_PRIORITY")):
+            return r["proto"]
+    return None
 
 
 def delete_route(ipr: IPRoute, dst: IPv4Network) -> bool:

@@ -307,7 +307,9 @@ def test_a_full_sync_writes_nothing_for_peers_the_kernel_already_holds(monkeypat
             with in_netns(h1.netns):
                 assert backends[1].update(apply=others) == []
 
-        assert writes_during(incremental) == 3 * len(others)  # an event batch always writes
+        # An event batch always writes: neighbour, FDB entry, and a route add that finds our
+        # route there, then its replace.
+        assert writes_during(incremental) == 4 * len(others)
         assert writes_during(lambda: sync(others)) == 0
 
         moved = Peer(peers[3].subnet, peers[3].public_ip, random_vtep_mac(), 1)  # a new VtepMAC
@@ -319,3 +321,33 @@ def test_a_full_sync_writes_nothing_for_peers_the_kernel_already_holds(monkeypat
         sync([peers[2]])
         assert route(h1.netns, str(moved.subnet)) is None
         assert [n["dst"] for n in ipj(h1.netns, "neigh", "show", "dev", "flannel.1")] == ["10.244.2.0"]
+
+
+def test_a_peer_on_a_route_the_agent_did_not_make_is_refused_and_that_route_survives():
+    """A lease naming this host's own pod subnet must neither take over nor, once removed,
+    delete the pod bridge's route (protocol kernel)."""
+    with temporary_lab(prefix="to", hosts=2) as lab:
+        add_pods(lab, 1, 1450)
+        h1, h2 = lab.hosts
+        backends, peers = vxlan_cluster(lab)
+        run_in_netns(h1.netns, ["ip", "route", "add", "10.244.7.0/24", "dev", "cni0"])  # an operator's
+        hostile = Peer(IPv4Network("10.244.7.0/24"), h2.ip, random_vtep_mac(), 1)
+        with in_netns(h1.netns):
+            (failure,) = backends[1].apply_peers([hostile])
+            assert "did not make" in failure.reason
+            assert backends[1].remove_peers([hostile]) == []
+        r = route(h1.netns, "10.244.7.0/24")
+        assert (r["dev"], r.get("protocol", "boot")) == ("cni0", "boot")
+        with in_netns(h1.netns):  # host-gw: the pod bridge's own route
+            gateway = KernelHostGwBackend(uplink="eth0")
+            gateway.setup()
+            (failure,) = gateway.apply_peers([Peer(subnet_of(h1), h2.ip)])
+            assert "did not make" in failure.reason
+            assert gateway.remove_peers([Peer(subnet_of(h1), h2.ip)]) == []
+        r = route(h1.netns, "10.244.1.0/24")
+        assert (r["dev"], r["protocol"]) == ("cni0", "kernel")
+        assert reaches(h2.pods[0].netns, h1.pods[0].ip)
+        with in_netns(h1.netns):  # our own routes are still replaced in place
+            moved = Peer(subnet_of(h2), h2.ip, random_vtep_mac(), 1)
+            assert backends[1].apply_peers([moved]) == []
+        assert route(h1.netns, "10.244.2.0/24")["protocol"] == "251"
