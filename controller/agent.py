@@ -17,8 +17,12 @@ import argparse
 import logging
 import threading
 from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
+from socket import AF_INET
 
-from flannel_bpf.controller.backends import BACKENDS
+from pyroute2 import IPRoute
+
+from flannel_bpf.controller.backends import BACKENDS, pod_ports
 from flannel_bpf.controller.coalesce import CoalescingWorker
 from flannel_bpf.controller.config import NetworkConfig
 from flannel_bpf.controller.flags import FlagError, load_network_config, renew_margin_seconds
@@ -31,6 +35,7 @@ from flannel_bpf.controller.registry import SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, SubnetManager
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
+from flannel_bpf.loader.netlink.routes import find_link
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +114,7 @@ class Agent:
         self.manager = SubnetManager(
             self.registry, self.config, attrs, mtu=self.config.backend.pod_mtu(self.uplink.mtu),
             ip_masq=self.options.ip_masq, subnet_file=self.options.subnet_file, sink=self,
-            on_lease_reacquired=self._lease_reacquired, ttl=self.options.lease_ttl,
+            on_lease_reacquired=self._lease_reacquired, holds_pods=self._pods_live, ttl=self.options.lease_ttl,
             renew_margin=self.options.renew_margin, own_addresses={self.uplink.ip})
         self.backend.prepare()
         lease = self.manager.start()
@@ -200,8 +205,21 @@ class Agent:
     # -- health and metrics ------------------------------------------------------------------
 
     def is_ready(self) -> bool:
-        """Programmed and still hearing from etcd: a dead peer watch means peers may be stale."""
-        return self._ready.is_set() and self.manager.watch_down_for() is None
+        """Programmed, still hearing from etcd (a dead peer watch means peers may be stale), and
+        our subnet's key is ours (not while another node holds it)."""
+        return (self._ready.is_set() and self.manager.watch_down_for() is None
+                and not self.manager.conflict)
+
+    def _pods_live(self, subnet: IPv4Network) -> bool:
+        """Whether pods live on `subnet` here: the pod bridge carries an address in it and has
+        ports. Such a subnet is never given up for another (that would renumber them)."""
+        with IPRoute() as ipr:
+            link = find_link(ipr, self.options.bridge)
+            if link is None:
+                return False
+            on_subnet = any(IPv4Address(a.get_attr("IFA_ADDRESS")) in subnet
+                            for a in ipr.get_addr(family=AF_INET, index=link["index"]))
+            return on_subnet and bool(pod_ports(ipr, link["index"]))
 
     def _start_health(self) -> None:
         if not self.options.healthz_port:
@@ -229,6 +247,7 @@ class Agent:
             "etcd_reconnects": self.manager.reconnect_count if self.manager else 0,
             "lease_reacquired": self.manager.reacquired_count if self.manager else 0,
             "iptables_restored": self.iptables.restored,
+            "lease_conflict": int(bool(self.manager and self.manager.conflict)),
             "peer_events_pending": self.applier.pending,
             "fallback_pending": self.backend.fallback_pending if self.backend is not None else 0,
             "netlink_failures": len(self.backend.netlink_failures) if self.backend is not None else 0,

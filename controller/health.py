@@ -74,6 +74,7 @@ class AgentCollector:
 
 _QUEUE_GAUGES = (
     ("peer_events_pending", "peer changes recorded and not yet applied"),
+    ("lease_conflict", "1 while another node holds our subnet's key in etcd (the agent's log says which)"),
     ("fallback_pending", "peers whose kernel safety net (neighbour, FDB entry, route) is not programmed yet"),
     ("netlink_failures", "peers the kernel refused to program (the agent's log says why)"),
 )

@@ -48,6 +48,11 @@ class SubnetAcquireError(RuntimeError):
     """No lease could be created (e.g. lost every race)."""
 
 
+class LeaseConflict(RuntimeError):
+    """Our subnet, on which pods live, is held in etcd by another node: taking another subnet
+    would renumber them, so we take none and keep serving them until the key is free again."""
+
+
 def first_free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network],
                        limit: int = FREE_SUBNETS_TO_PICK_FROM) -> list[IPv4Network]:
     """Up to `limit` subnets of SubnetMin..SubnetMax that overlap no taken subnet, lowest first."""
@@ -76,6 +81,7 @@ class SubnetManager:
                  mtu: int, ip_masq: bool = False, subnet_file: str | Path | None = DEFAULT_SUBNET_FILE,
                  previous_subnet: IPv4Network | None = None, sink: PeerSink | None = None,
                  on_lease_reacquired: Callable[[Lease, Lease], None] | None = None,
+                 holds_pods: Callable[[IPv4Network], bool] = lambda subnet: False,
                  ttl: int = SUBNET_TTL, renew_margin: float = DEFAULT_RENEW_MARGIN,
                  renew_retry: float = DEFAULT_RENEW_RETRY, backoff_initial: float = 0.1,
                  backoff_max: float = 5.0, own_addresses: Iterable[IPv4Address] = ()):
@@ -96,6 +102,7 @@ class SubnetManager:
         self.previous_subnet = previous_subnet
         self.sink = sink
         self.on_lease_reacquired = on_lease_reacquired
+        self.holds_pods = holds_pods
         self.ttl = int(ttl)
         self.renew_margin = renew_margin
         self.renew_retry = renew_retry
@@ -121,6 +128,7 @@ class SubnetManager:
         self._threads: list[threading.Thread] = []
         self.skipped = SkippedLeases()
         self.reacquired_count = 0
+        self.conflict: str | None = None  # why we hold no lease on our subnet, while another node does
         self.reconnect_count = 0  # etcd outages the watch came back from
         self._watch_down_since: float | None = time.monotonic()  # None while the watch is up
 
@@ -149,7 +157,13 @@ class SubnetManager:
         """Acquire the lease and write subnet.env (raising OutOfSubnets, SubnetAcquireError or
         EtcdError when that fails), then start keeping it and watching peers."""
         with self._own_lock:
-            self._lease = self._acquire(self.previous_subnet)
+            try:
+                self._lease = self._acquire(self.previous_subnet)
+            except LeaseConflict:
+                # Serve the pods on our subnet as subnet.env has it; the keeper takes the key
+                # back as soon as it is free.
+                self._lease = self.attrs.for_subnet(self.previous_subnet)
+                self._lease_lost.set()
         self._write_subnet_env()
         for name, target in (("flannel-bpf-events", self._dispatch), ("flannel-bpf-watch", self._watch),
                              ("flannel-bpf-lease", self._keep)):
@@ -183,13 +197,18 @@ class SubnetManager:
     # -- acquiring ---------------------------------------------------------------------------
 
     def _acquire(self, previous: IPv4Network | None) -> Lease:
+        """Our lease on `previous` (renewed, or created while free); else, unless pods live on
+        `previous` and another node holds it (LeaseConflict), the lease that carries our public
+        IP, as flanneld takes it; else a free subnet."""
         lost_races: set[IPv4Network] = set()
         for _ in range(_MAX_ACQUIRE_ROUNDS):
             listing = self.registry.list_leases()
-            reused = self._reuse_own_lease(listing)
+            self._check_conflict(listing, previous)
+            reused = self._reuse_own_lease(listing, previous)
             if reused == "retry":
                 continue
             if reused is not None:
+                self._set_conflict(None)
                 return reused
             # Only keys that are subnets of this network take a subnet: a key such as /16 or
             # 0.0.0.0-0 is never programmed, so it must not stop new nodes joining either.
@@ -204,16 +223,46 @@ class SubnetManager:
             created = self.registry.create_lease(subnet, self.attrs, self.ttl)
             if created is not None:
                 log.info("acquired lease %s for %s", subnet, self.attrs.public_ip)
+                self._set_conflict(None)
                 return created
             log.info("lost the race for %s to another node; trying another subnet", subnet)
             lost_races.add(subnet)
         raise SubnetAcquireError(f"no subnet lease after {_MAX_ACQUIRE_ROUNDS} rounds of lost races")
 
-    def _reuse_own_lease(self, listing: LeaseListing) -> Lease | str | None:
-        """flanneld's first choice: the lease that already carries our public IP."""
-        for lease in listing.leases:
-            if lease.public_ip != self.attrs.public_ip:
-                continue
+    def _check_conflict(self, listing: LeaseListing, previous: IPv4Network | None) -> None:
+        """LeaseConflict when another node holds `previous` while pods live on it."""
+        if previous is None:
+            return
+        holder = next((l for l in listing.leases if l.subnet == previous), None)
+        if holder is not None and holder.public_ip != self.attrs.public_ip and self.holds_pods(previous):
+            self._set_conflict(f"our subnet {previous} is held in etcd by {holder.public_ip}, and pods live on "
+                               "it: not taking another subnet (that would renumber them); serving them and "
+                               "waiting for the key to be ours or free")
+            raise LeaseConflict(self.conflict)
+
+    def _set_conflict(self, conflict: str | None) -> None:
+        if conflict != self.conflict:
+            if conflict is not None:
+                log.error("lease conflict: %s", conflict)
+            else:
+                log.warning("lease conflict over: our subnet's key is ours again")
+        self.conflict = conflict
+
+    def _reuse_own_lease(self, listing: LeaseListing, previous: IPv4Network | None) -> Lease | str | None:
+        """flanneld's first choice: the lease that already carries our public IP; when several
+        do (another node wrote one with our IP), the one on our previous subnet, and when that
+        one is free, none: a lease we did not write never renumbers our pods."""
+        ours = [lease for lease in listing.leases if lease.public_ip == self.attrs.public_ip]
+        mine = [lease for lease in ours if lease.subnet == previous]
+        if not mine and ours and previous is not None and self.config.fits(previous) \
+                and previous not in listing.taken():
+            log.warning("ignoring lease(s) %s that name our public IP %s: our subnet %s (subnet.env) is free",
+                        ", ".join(str(l.subnet) for l in ours), self.attrs.public_ip, previous)
+            return None
+        if mine and len(ours) > 1:
+            log.warning("lease(s) %s also name our public IP %s: not ours, left alone",
+                        ", ".join(str(l.subnet) for l in ours if l.subnet != previous), self.attrs.public_ip)
+        for lease in mine or ours:
             if not self.config.fits(lease.subnet):
                 log.info("deleting lease %s of our public IP %s: it does not fit the network config",
                          lease.subnet, lease.public_ip)
@@ -272,6 +321,8 @@ class SubnetManager:
                     reacquire = True
                     continue
                 due = self._renew_due()
+            except LeaseConflict:  # logged when it began; the key is looked at again each retry
+                due = time.monotonic() + self.renew_retry
             except Exception as exc:  # EtcdError and running out of subnets are expected
                 action = "re-acquire" if reacquire else "renew"
                 if isinstance(exc, (EtcdError, OutOfSubnets, SubnetAcquireError)):
@@ -296,7 +347,7 @@ class SubnetManager:
     def _reacquire(self) -> None:
         with self._own_lock:
             old = self._lease
-            new = self._acquire(previous=old.subnet)
+            new = self._acquire(previous=old.subnet)  # LeaseConflict: keep serving `old`
             self._lease = new
             # The new subnet may still be in the peer table if its previous holder's DELETE is
             # not processed yet: it is gone (we created the key), so remove it now.

@@ -139,21 +139,42 @@ class NoProgress:
 # ---------------------------------------------------------------------------- processes
 
 
+_PF_KTHREAD = 0x00200000
+_exit_statuses: dict[int, int] = {}  # pid -> wait status, of our children reaped by process_running
+
+
 def process_running(pid: int | None, marker: str = "") -> bool:
     """True while `pid` runs (a zombie does not count) and its command line holds `marker`,
-    so a recycled pid is never taken for ours."""
+    so a recycled pid is never taken for ours. A process in the middle of an exec (nsenter
+    becoming the agent) shows an empty command line for a moment: it counts as running."""
     if not pid:
         return False
     try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        reaped, status = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        if reaped:
+            _exit_statuses[pid] = status
     except ChildProcessError:
         pass
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X") and marker in cmdline
+    if fields[0] in ("Z", "X"):
+        return False
+    return marker in cmdline or (not cmdline and not int(fields[6]) & _PF_KTHREAD)
+
+
+def exit_description(pid: int | None) -> str:
+    """How our child `pid` ended, as far as this process saw it reaped."""
+    status = _exit_statuses.get(pid) if pid else None
+    if status is None:
+        return "exit status unknown (not reaped by this process)"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        why = " (the kernel's OOM killer, or someone's kill -9?)" if sig == signal.SIGKILL else ""
+        return f"killed by {signal.Signals(sig).name}{why}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
 def end_process(pid: int | None, marker: str, sig: int | None = signal.SIGTERM,
@@ -324,6 +345,8 @@ def stop_agent(lab: Lab, index: int, sig: int = signal.SIGTERM, timeout: float =
 
 
 def _agent_failed(host: Host, what: str) -> LabError:
+    if not agent_running(host):
+        what = f"{what} ({exit_description(host.agent.pid)})"
     return LabError(f"host {host.index} ({host.netns}): {what}; agent log {host.agent.log_path}:\n"
                     f"{log_tail(host.agent.log_path)}")
 
