@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 
@@ -53,16 +54,28 @@ def run(args: argparse.Namespace) -> int:
         options = options_from_args(args)
     except (FlagError, UplinkError, ValueError) as err:
         raise UsageError(str(err)) from None
+    # An agent that dies must say why in its log: a fatal signal in native code (libbpf,
+    # grpc) dumps every thread's Python stack to stderr.
+    faulthandler.enable()
     registry = SubnetRegistry(etcd)
     agent = Agent(registry, uplink, options)
+
+    def stop_on(signum, _frame):
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        agent.stop()
+
     # SIGQUIT: supervisor's stopsignal in the setups flanneld users copy.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(sig, lambda *_: agent.stop())
+        signal.signal(sig, stop_on)
+    code = 1
     try:
         agent.run()
+        code = 0
     except (ConfigError, OutOfSubnets, SubnetAcquireError, EtcdError, UplinkError, LoadError) as err:
         log.error("%s", err)
-        return 1
+    except Exception:
+        log.exception("the agent failed")
     finally:
         registry.close()
-    return 0
+        log.info("exiting with code %d", code)
+    return code

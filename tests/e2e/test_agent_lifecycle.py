@@ -138,6 +138,7 @@ def test_lab_up_that_fails_says_which_agent_and_why_and_removes_the_lab():
         message = str(failure.value)
         assert "host 1" in message and "exited before writing subnet.env" in message
         assert "unrecognized arguments: --no-such-flag" in message  # the agent log's tail
+        assert "(exit code 2)" in message
         assert name not in list_labs()
     finally:
         orch.down(name)
