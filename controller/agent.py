@@ -25,6 +25,7 @@ from pyroute2 import IPRoute
 from flannel_bpf.controller.backends import BACKENDS, pod_ports
 from flannel_bpf.controller.coalesce import CoalescingWorker
 from flannel_bpf.controller.config import NetworkConfig
+from flannel_bpf.controller.config_change import check_config_change
 from flannel_bpf.controller.flags import FlagError, load_network_config, renew_margin_seconds
 from flannel_bpf.controller.health import HealthServer
 from flannel_bpf.controller.iptables import DEFAULT_RESYNC, RuleKeeper, forward_rules, masq_rules
@@ -57,6 +58,7 @@ class AgentOptions:
     net_config_path: str | None = None
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
+    accept_config_change: bool = False  # a config contradicting what this node runs is refused without it
 
 
 
@@ -101,6 +103,7 @@ class Agent:
     def start(self) -> Lease:
 
         self.config = self._load_config()
+        check_config_change(self.config, self.options.subnet_file, self.options.accept_config_change)
         backend_type = self.config.backend.type
         log.info("network %s, subnets /%d, backend %s on %s (%s)", self.config.network,
                  self.config.subnet_len, backend_type, self.uplink.name, self.uplink.address)
@@ -267,4 +270,5 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         lease_ttl=args.subnet_lease_ttl, renew_margin=renew_margin_seconds(args),
         ip_masq=bool(args.ip_masq), iptables_forward_rules=bool(args.iptables_forward_rules),
         iptables_resync=float(args.iptables_resync), subnet_file=args.subnet_file, net_config_path=args.net_config_path,
-        healthz_ip=args.healthz_ip, healthz_port=int(args.healthz_port))
+        healthz_ip=args.healthz_ip, healthz_port=int(args.healthz_port),
+        accept_config_change=args.accept_config_change)

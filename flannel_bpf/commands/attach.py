@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import signal
 
 from flannel_bpf.controller.agent import BACKEND_CHOICES, Agent, options_from_args
 from flannel_bpf.controller.config import ConfigError
+from flannel_bpf.controller.config_change import ConfigChangeRefused
 from flannel_bpf.controller.flags import FlagError, add_flanneld_flags, etcd_options_from_args
 from flannel_bpf.controller.registry import EtcdError, SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, OutOfSubnets, SubnetAcquireError
@@ -31,6 +33,10 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
                         help="the pod bridge whose traffic to forward (default %(default)s)")
     parser.add_argument("--pin-dir", help="bpffs directory of the pinned maps and programs "
                                           "(default /sys/fs/bpf/flannel-bpf/[NETNS/]IFACE)")
+    parser.add_argument("--accept-config-change", action="store_true",
+                        help="start even though the network config's Network, subnets or VNI differ from what "
+                             "this node runs (subnet.env, flannel.<VNI>): take a subnet of the new network and "
+                             "remove the old VXLAN device (default: refuse with an error)")
     parser.add_argument("--cleanup-on-exit", action="store_true",
                         help="on exit remove the data plane and release the lease (default: leave it forwarding)")
     parser.add_argument("--reconcile-interval", type=float, default=1.0, metavar="SECONDS",
@@ -57,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     # An agent that dies must say why in its log: a fatal signal in native code (libbpf,
     # grpc) dumps every thread's Python stack to stderr.
     faulthandler.enable()
+    # What the agent creates (pin directories, subnet.env and its directory) is never writable
+    # by others, whatever umask it was started with.
+    os.umask(os.umask(0) | 0o022)
     registry = SubnetRegistry(etcd)
     agent = Agent(registry, uplink, options)
 
@@ -71,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         agent.run()
         code = 0
-    except (ConfigError, OutOfSubnets, SubnetAcquireError, EtcdError, UplinkError, LoadError) as err:
+    except (ConfigError, ConfigChangeRefused, OutOfSubnets, SubnetAcquireError, EtcdError, UplinkError,
+            LoadError) as err:
         log.error("%s", err)
     except Exception:
         log.exception("the agent failed")
