@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 from pyroute2 import IPRoute
 
@@ -297,8 +298,10 @@ def agent_argv(lab: Lab, host: Host, agent: AgentState, config_type: str, decap:
 
 
 def start_agent(lab: Lab, index: int, backend: str, *, decap: str | None = None,
-                extra_args: Iterable[str] = ()) -> AgentState:
-    """Start host `index`'s agent detached (own session, log file), record it, return at once."""
+                extra_args: Iterable[str] = (), wrapper: Sequence[str] = ()) -> AgentState:
+    """Start host `index`'s agent detached (own session, log file), record it, return at once.
+    `wrapper`: a command that runs the agent's command line given as its last argument (e.g.
+    capsh with fewer capabilities)."""
     host = lab.host(index)
     if host.agent is not None and process_running(host.agent.pid, host.agent.subnet_file):
         raise LabError(f"host {index} already runs an agent (pid {host.agent.pid})")
@@ -319,7 +322,8 @@ def start_agent(lab: Lab, index: int, backend: str, *, decap: str | None = None,
     with open(agent.log_path, "ab") as log_file:
         log_file.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
         log_file.flush()
-        process = subprocess.Popen(nsenter_argv(host.netns, argv), stdin=subprocess.DEVNULL,
+        command = [*wrapper, shlex.join(argv)] if wrapper else argv
+        process = subprocess.Popen(nsenter_argv(host.netns, command), stdin=subprocess.DEVNULL,
                                    stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     agent.pid = process.pid

@@ -318,6 +318,9 @@ def test_a_config_contradicting_the_node_is_refused_until_accepted(lab):
         assert "vxlan id 2 " in links
     finally:
         orch.write_network_config(lab, original)
+        orch.stop_agent(lab, 1)
+        orch.start_agent(lab, 1, "bpf", extra_args=["--accept-config-change"])  # back to VNI 1
+        orch.wait_ready(lab, [1])
 
 
 # ---------------------------------------------------------------------------- security
@@ -331,10 +334,50 @@ def test_files_and_pins_are_the_agents_alone_even_under_umask_0(lab):
     subprocess.run(["rm", "-rf", str(pin_root)], check=True)
     old = os.umask(0)
     try:
-        orch.start_agent(lab, 1, "bpf", extra_args=["--accept-config-change"])
+        orch.start_agent(lab, 1, "bpf")
     finally:
         os.umask(old)
     orch.wait_ready(lab, [1])
     paths = [Path(h1.agent.subnet_file), Path(h1.agent.subnet_file).parent, pin_root, *pin_root.rglob("*")]
     loose = {str(p): oct(p.stat().st_mode & 0o7777) for p in paths if p.stat().st_mode & 0o022 or p.stat().st_uid}
     assert loose == {}
+
+
+AGENT_CAPABILITIES = ("cap_net_admin", "cap_sys_admin")  # docs/reliability.md says why each
+_CAP_BITS = {"cap_net_admin": 12, "cap_sys_admin": 21}
+
+
+def _capsh_keeping(keep) -> list[str]:
+    """capsh that runs a command line with a bounding set of only `keep`: as root, that is all
+    the command can ever have."""
+    bounding = subprocess.run(["capsh", "--print"], capture_output=True, text=True, check=True).stdout
+    every = bounding.split("Bounding set =", 1)[1].splitlines()[0].strip().split(",")
+    return ["capsh", "--drop=" + ",".join(c for c in every if c not in keep), "--", "-c"]
+
+
+def test_the_agent_runs_with_only_net_admin_and_sys_admin(lab):
+    h1, h2 = lab.host(1), lab.host(2)
+    orch.stop_agent(lab, 1)
+    orch.start_agent(lab, 1, "bpf", wrapper=_capsh_keeping(AGENT_CAPABILITIES),
+                     extra_args=["--ip-masq"])
+    orch.wait_ready(lab, [1])
+    status = Path(f"/proc/{h1.agent.pid}/status").read_text()
+    effective = int(status.split("CapEff:")[1].split()[0], 16)
+    assert effective == sum(1 << _CAP_BITS[c] for c in AGENT_CAPABILITIES)
+    assert "FLANNEL-POSTRTG" in _sh(h1.netns, "iptables", "-t", "nat", "-S")
+    assert ping(h2.pods[0].netns, h1.pods[0].ip, count=3, wait=1).ok
+
+
+def test_without_sys_admin_the_agent_says_what_it_could_not_do(lab):
+    """CAP_BPF and CAP_PERFMON are not enough: bcc reopens the first program's pinned maps by
+    id for the second (BPF_MAP_GET_FD_BY_ID), which takes CAP_SYS_ADMIN."""
+    h1 = lab.host(1)
+    orch.stop_agent(lab, 1)
+    log_size = Path(h1.agent.log_path).stat().st_size
+    orch.start_agent(lab, 1, "bpf", wrapper=_capsh_keeping(("cap_net_admin", "cap_bpf", "cap_perfmon")))
+    wait_until(lambda: not orch.agent_running(h1), 60, 0.1, "the agent failing to load its programs")
+    log = Path(h1.agent.log_path).read_text()[log_size:]
+    assert "Operation not permitted" in log and "exiting with code 1" in log and "Traceback" not in log
+    assert orch.exit_description(h1.agent.pid) == "exit code 1"
+    orch.start_agent(lab, 1, "bpf")  # as it was, for the lab's teardown
+    orch.wait_ready(lab, [1])
