@@ -341,6 +341,9 @@ def test_files_and_pins_are_the_agents_alone_even_under_umask_0(lab):
     paths = [Path(h1.agent.subnet_file), Path(h1.agent.subnet_file).parent, pin_root, *pin_root.rglob("*")]
     loose = {str(p): oct(p.stat().st_mode & 0o7777) for p in paths if p.stat().st_mode & 0o022 or p.stat().st_uid}
     assert loose == {}
+    pin_dir = Path(h1.agent.pin_dir)
+    assert oct(pin_dir.stat().st_mode & 0o777) == "0o700"
+    assert {oct(p.stat().st_mode & 0o777) for p in pin_dir.iterdir()} == {"0o600"}
 
 
 AGENT_CAPABILITIES = ("cap_net_admin", "cap_sys_admin")  # docs/reliability.md says why each
