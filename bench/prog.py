@@ -181,6 +181,8 @@ def expected_retval(program: str, stat: Stat) -> int:
 # every byte it may rewrite in place. Every entry point needs one, timed or not.
 TIMING_SAVE_BYTES = {"tc_encap_from_pods": 34,  # Ethernet + IPv4 header (MACs, TTL, checksum)
                      "tc_encap_from_host": 34,
+                     "tc_from_routed_pod": 34,
+                     "nk_from_pod": 34,
                      "xdp_decap": 64,           # outer 50 + inner Ethernet (its destination MAC)
                      "tc_decap": 84}            # outer 50 + inner Ethernet + inner IPv4 (TTL, checksum)
 TIMING_CFLAGS = ("-DFL_TIMING", *(f"-DFL_TIMING_SAVE_{name}={size}" for name, size in TIMING_SAVE_BYTES.items()))

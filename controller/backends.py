@@ -39,6 +39,7 @@ from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_VNI
 from flannel_bpf.loader.netlink.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
 from flannel_bpf.loader.netlink.host_gw import KernelHostGwBackend
 from flannel_bpf.loader.netlink.kernel_vxlan import KernelVxlanBackend, random_vtep_mac, vxlan_device_name
+from flannel_bpf.loader.netlink.netkit import netkit_info
 from flannel_bpf.loader.netlink.routes import NetlinkLookups, OwnAddresses, PeerRejected, find_link, link_index
 from flannel_bpf.loader.netns import read_sysctl, write_sysctl
 from flannel_bpf.loader.peer import Peer
@@ -255,6 +256,8 @@ class BpfBackend(VxlanBackend):
         self._bridge_ifindex = 0
         self._pod_ports: dict[int, str] = {}  # ifindex -> name of pod veths carrying the encap
         self._pod_ports_refused: dict[int, str] = {}  # ... and of those whose attach failed
+        self._routed_pods: dict[int, str] = {}  # ifindex -> name of routed pods' devices carrying theirs
+        self._routed_refused: set[int] = set()
         self.fallback = CoalescingWorker("flannel-bpf-fallback", self._program_fallback)
         self._prune_wanted = False
         self._own_addresses = None  # this node's addresses, re-read on each reconcile tick
@@ -275,6 +278,7 @@ class BpfBackend(VxlanBackend):
                 vxlan_ifindex=self.device.ifindex, gbp=self.config.gbp)
         self._bridge_ifindex = -1  # re-read by reconcile() below, into the new config
         self._pod_ports.clear()    # re-attached by it too, with the programs of this start
+        self._routed_pods.clear()
         self.maps.set_local_config(self.node)
         self._attach("tc_encap_from_host", self.device.name, "egress")
         if self.decap_hook == "xdp":
@@ -385,6 +389,7 @@ class BpfBackend(VxlanBackend):
             self._sync_pod_ports(ports)
             if bridge:
                 self._sync_endpoints(ipr, bridge, ports)
+            self._sync_routed_pods(ipr, ports)
 
     def _ensure_headroom(self, ipr: IPRoute, bridge: int) -> None:
         """The headroom port only saves a reallocation per packet: without it (no vxlan module,
@@ -453,6 +458,39 @@ class BpfBackend(VxlanBackend):
         if stale:
             self.maps.remove_endpoints(stale)
 
+    def _sync_routed_pods(self, ipr: IPRoute, bridge_ports: Mapping[int, str]) -> None:
+        """The egress program of every pod flannel-bpf-cni made (whose fl_endpoints entry is
+        off the bridge): tc_from_routed_pod on a veth's tc ingress, nk_from_pod through a
+        pinned link on a netkit pair. Until its device has it, that pod takes the kernel path."""
+        devices = {e.ifindex for e in self.maps.list_endpoints() if e.ifindex not in bridge_ports}
+        for ifindex in devices - self._routed_pods.keys():
+            try:
+                link = ipr.link("get", index=ifindex)[0]
+            except NetlinkError:
+                continue  # gone: the plugin's DEL, or the next endpoint sync, drops its entry
+            name = link.get_attr("IFLA_IFNAME")
+            try:
+                if netkit_info(link) is not None:
+                    attach.attach_netkit_peer(ifindex, self.programs.prog_fds["nk_from_pod"],
+                                              f"{self.pin_dir}/link_{name}")
+                    self.attached[f"{name} netkit peer"] = "nk_from_pod"
+                else:
+                    self._attach("tc_from_routed_pod", ifindex, "ingress", label=name)
+            except (attach.AttachError, OSError) as err:
+                if ifindex not in self._routed_refused:  # retried each tick, said once
+                    log.warning("routed pod device %s: program not attached, its pod takes the kernel "
+                                "path: %s", name, err)
+                    self._routed_refused.add(ifindex)
+                continue
+            self._routed_refused.discard(ifindex)
+            self._routed_pods[ifindex] = name
+        for ifindex in [i for i in self._routed_pods if i not in devices]:
+            name = self._routed_pods.pop(ifindex)
+            self.attached.pop(f"{name} tc ingress", None)
+            if self.attached.pop(f"{name} netkit peer", None):
+                attach.unlink_pins(f"{self.pin_dir}/link_{name}")
+        self._routed_refused &= devices
+
     def stop(self, cleanup: bool) -> None:
         if not self.fallback.stop():
             log.warning("the kernel fallback thread did not stop in time")
@@ -492,9 +530,14 @@ def detach_bpf(uplink: str, vni: int, bridge: str, pin_dir: str) -> None:
     with IPRoute() as ipr:
         present = {name for name in (uplink, vxlan_device_name(vni), bridge) if link_index(ipr, name)}
         ports = pod_ports(ipr, link_index(ipr, bridge)) if bridge in present else {}
+        # Routed pods' devices have no master; their netkit links go with the pins below.
+        routed = [link["index"] for link in ipr.link("dump") if not link.get_attr("IFLA_MASTER")
+                  and link["index"] not in ports]
         remove_headroom_port(ipr)
     for ifindex in ports:
         attach.detach_tc(ifindex, "ingress", "tc_encap_from_pods")
+    for ifindex in routed:
+        attach.detach_tc(ifindex, "ingress", "tc_from_routed_pod")
     for dev, direction, program in ((uplink, "ingress", "tc_decap"),
                                     (vxlan_device_name(vni), "egress", "tc_encap_from_host"),
                                     (bridge, "ingress", "tc_encap_from_pods")):

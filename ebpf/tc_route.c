@@ -10,6 +10,14 @@
  *                       are the router, so TTL - 1.
  *   tc_encap_from_host  tc egress of flannel.<VNI>: host-originated traffic
  *                       the kernel has already routed (TTL already done).
+ *   tc_from_routed_pod  tc ingress of a routed pod's host-side veth (a pod
+ *                       of flannel-bpf-cni, no bridge): everything the pod
+ *                       sends is for its router; a pod of this node gets it
+ *                       straight (bpf_redirect_peer).
+ *   nk_from_pod         a netkit pod's egress (BPF_NETKIT_PEER: it runs in
+ *                       the pod's transmit call). As above, but a pod of this
+ *                       node gets it through bpf_redirect() to its host side:
+ *                       the kernel honours peer redirects at tc ingress only.
  *
  * Whatever is not handled goes on untouched (TC_ACT_OK) along the kernel path:
  * the routes via flannel.<VNI>, kept as flanneld sets them up, are the safety
@@ -148,8 +156,38 @@ static __always_inline int encap_vxlan(struct __sk_buff *skb, const struct fl_lo
 	return fl_count(encapsulated, len, redirect_by_fib(cfg));
 }
 
-static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwarding)
+/* Where route_to_peer() runs: what it may assume of the frame, how it delivers locally. */
+enum fl_hook {
+	FL_HOOK_BRIDGE_PORT, /* a pod's veth on cni0: route only what is for the gateway MAC */
+	FL_HOOK_HOST,        /* flannel.<VNI> egress: routed by the kernel already */
+	FL_HOOK_ROUTED_VETH, /* a routed pod's veth (tc ingress) */
+	FL_HOOK_NETKIT,      /* a netkit pod's transmit */
+};
+
+/*
+ * A routed pod's packet for another pod of this node: from the gateway to
+ * that pod, TTL - 1, into its namespace. L3 netkit pods have an all-zero MAC;
+ * a veth pod's is in the endpoint.
+ */
+static __always_inline int deliver_locally(struct __sk_buff *skb, const struct fl_local_config *cfg,
+					   const struct fl_endpoint *ep, struct ethhdr *eth,
+					   struct iphdr *iph, __u32 len, const enum fl_hook hook)
 {
+	if (iph->ttl <= 1)
+		return fl_tc_account(FL_STAT_PASS_TTL_EXCEEDED, len);
+	__builtin_memcpy(eth->h_dest, ep->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, cfg->bridge_mac, ETH_ALEN);
+	fl_ipv4_decrease_ttl(iph);
+	if (hook == FL_HOOK_NETKIT)
+		return fl_account(FL_STAT_LOCAL_TO_POD, len, bpf_redirect(ep->ifindex, 0));
+	return fl_account(FL_STAT_LOCAL_TO_POD, len, bpf_redirect_peer(ep->ifindex, 0));
+}
+
+static __always_inline int route_to_peer(struct __sk_buff *skb, const enum fl_hook hook)
+{
+	const int forwarding = hook != FL_HOOK_HOST;
+	const int routed_pod = hook == FL_HOOK_ROUTED_VETH || hook == FL_HOOK_NETKIT;
+	struct fl_endpoint *ep;
 	const __u32 len = skb->len;
 	struct fl_local_config *cfg = fl_local_config();
 	struct fl_lpm_v4_key key = { .prefixlen = 32 };
@@ -171,13 +209,20 @@ static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwar
 	if (stat != FL_STAT_NONE)
 		return fl_tc_account(stat, len);
 	/*
-	 * Only what a pod sends to its gateway is routed. At a pod's veth we see
-	 * every frame it sends: one for another MAC (a local pod that routes, say)
-	 * is the bridge's to deliver, as are broadcast and multicast. On
-	 * flannel.<VNI> the kernel has routed already and set a peer's VtepMAC.
+	 * Only what a pod sends to its gateway is routed. At a pod's veth on the
+	 * bridge we see every frame it sends: one for another MAC (a local pod
+	 * that routes, say) is the bridge's to deliver, as are broadcast and
+	 * multicast. On flannel.<VNI> the kernel has routed already and set a
+	 * peer's VtepMAC. A routed pod has nobody but its router on the link.
 	 */
-	if (forwarding ? !fl_mac_equal(eth->h_dest, cfg->bridge_mac) : fl_mac_is_multicast(eth->h_dest))
+	if (hook == FL_HOOK_BRIDGE_PORT ? !fl_mac_equal(eth->h_dest, cfg->bridge_mac) :
+	    hook == FL_HOOK_HOST && fl_mac_is_multicast(eth->h_dest))
 		return fl_tc_account(FL_STAT_PASS_NOT_FOR_GATEWAY, len);
+	if (routed_pod) {
+		ep = fl_endpoints.lookup(&iph->daddr);
+		if (ep)
+			return deliver_locally(skb, cfg, ep, eth, iph, len, hook);
+	}
 
 	key.addr = iph->daddr;
 	peer = fl_peers.lookup(&key);
@@ -213,10 +258,21 @@ static __always_inline int route_to_peer(struct __sk_buff *skb, const int forwar
 
 FL_PROGRAM(tc_encap_from_pods, struct __sk_buff, skb)
 {
-	return route_to_peer(skb, 1);
+	return route_to_peer(skb, FL_HOOK_BRIDGE_PORT);
 }
 
 FL_PROGRAM(tc_encap_from_host, struct __sk_buff, skb)
 {
-	return route_to_peer(skb, 0);
+	return route_to_peer(skb, FL_HOOK_HOST);
+}
+
+FL_PROGRAM(tc_from_routed_pod, struct __sk_buff, skb)
+{
+	return route_to_peer(skb, FL_HOOK_ROUTED_VETH);
+}
+
+/* netkit's verdicts are tc's: NETKIT_PASS 0, DROP 2, REDIRECT 7 (TC_ACT_OK, SHOT, REDIRECT). */
+FL_PROGRAM(nk_from_pod, struct __sk_buff, skb)
+{
+	return route_to_peer(skb, FL_HOOK_NETKIT);
 }

@@ -419,14 +419,21 @@ def metrics_text(host: Host, timeout: float = 2.0) -> str:
 
 
 def pods_attached(host: Host) -> bool:
-    """On a bpf host, whether every pod's veth carries the encap (the agent attaches it at its
-    next reconcile after the pod appears); until then that pod's traffic takes the kernel path,
-    which would blur what a test or a benchmark sees. Always true on other backends."""
+    """On a bpf host, whether every pod's device carries its program (the agent attaches it at
+    its next reconcile after the pod appears); until then that pod's traffic takes the kernel
+    path, which would blur what a test or a benchmark sees. Always true on other backends."""
     if host.agent is None or host.agent.backend != "bpf" or not host.pods:
         return True
     with in_netns(host.netns):
-        return all(any(f.name == "tc_encap_from_pods" for f in list_tc(pod.host_veth))
-                   for pod in host.pods if pod.device == "veth")
+        for pod in host.pods:
+            if pod.device == "netkit":
+                attached = Path(host.agent.pin_dir, f"link_{pod.host_veth}").exists()
+            else:
+                program = "tc_encap_from_pods" if pod.device == "veth" else "tc_from_routed_pod"
+                attached = any(f.name == program for f in list_tc(pod.host_veth))
+            if not attached:
+                return False
+    return True
 
 
 def wait_ready(lab: Lab, indices: Iterable[int], timeout: float = READY_TIMEOUT,

@@ -137,7 +137,9 @@ enum fl_stat {
 	FL_STAT_DROP_UNKNOWN_PEER_VLAN_TAGGED = 30,  /* ... VLAN-tagged (VID 0, or a VLAN device's) */
 	FL_STAT_DROP_UNKNOWN_PEER_OTHER_ADDRESS = 31, /* ... to another local, broadcast or multicast
 						       * address of this node */
-	FL_STAT_MAX = 32,
+	/* tc_route.c, routed pods (flannel-bpf-cni) */
+	FL_STAT_LOCAL_TO_POD = 32,       /* to another pod of this node, redirected into it */
+	FL_STAT_MAX = 33,
 };
 
 /*

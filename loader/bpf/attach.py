@@ -277,6 +277,29 @@ def detach_xdp(dev: str | int) -> bool:
         return bool(attached)
 
 
+# ---------------------------------------------------------------------------- netkit
+
+def attach_netkit_peer(primary_ifindex: int, prog_fd: int, pin: str | Path) -> None:
+    """The program of a netkit pod's egress (BPF_NETKIT_PEER, attached by the primary's
+    ifindex) through a bpf_link pinned at `pin`, so it outlives the caller. A live link
+    already pinned there (an earlier agent's) gets the program swapped in atomically; a
+    defunct one (its device gone, ifindex 0) is replaced."""
+    p = _under_bpffs(pin)
+    if p.exists():
+        fd = bpfsys.obj_get(str(p))
+        try:
+            if bpfsys.link_info(fd).ifindex == primary_ifindex:
+                bpfsys.link_update(fd, prog_fd)
+                return
+        finally:
+            os.close(fd)
+    fd = bpfsys.link_create(prog_fd, primary_ifindex, bpfsys.BPF_NETKIT_PEER)
+    try:
+        pin_object(fd, p)
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------- pins
 
 def program_id(fd: int) -> int:

@@ -59,6 +59,7 @@ class Stat(enum.IntEnum):
     DROP_UNKNOWN_PEER_FRAGMENT = 29
     DROP_UNKNOWN_PEER_VLAN_TAGGED = 30
     DROP_UNKNOWN_PEER_OTHER_ADDRESS = 31
+    LOCAL_TO_POD = 32
 
     @property
     def counter_name(self) -> str:
@@ -78,7 +79,8 @@ class Action(enum.Enum):
 
 
 STAT_ACTION = {
-    s: (Action.REDIRECT if s in (Stat.ENCAP_VXLAN, Stat.FWD_DIRECT, Stat.DECAP_TO_POD, Stat.DIRECT_TO_POD)
+    s: (Action.REDIRECT if s in (Stat.ENCAP_VXLAN, Stat.FWD_DIRECT, Stat.DECAP_TO_POD, Stat.DIRECT_TO_POD,
+                                 Stat.LOCAL_TO_POD)
         else Action.DROP if s.name.startswith("DROP_") else Action.PASS)
     for s in Stat
 }

@@ -52,6 +52,8 @@ class ProgramSpec:
 PROGRAMS = {
     "tc_encap_from_pods": ProgramSpec("tc_route.c", "sched_cls"),
     "tc_encap_from_host": ProgramSpec("tc_route.c", "sched_cls"),
+    "tc_from_routed_pod": ProgramSpec("tc_route.c", "sched_cls"),
+    "nk_from_pod": ProgramSpec("tc_route.c", "sched_cls"),
     "xdp_decap": ProgramSpec("vxlan_xdp.c", "xdp"),
     "tc_decap": ProgramSpec("vxlan_xdp.c", "sched_cls"),
 }

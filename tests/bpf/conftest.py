@@ -63,7 +63,7 @@ class DataPlane:
     def run(self, prog: str, pkt, **skb_fields) -> Outcome:
         data = bytes(pkt)
         ctx = None
-        if prog.startswith("tc_"):
+        if prog.startswith(("tc_", "nk_")):
             ctx = SkBuff(ifindex=P.LO_IFINDEX, **skb_fields)
         elif skb_fields:
             ctx = XdpMd(**skb_fields)

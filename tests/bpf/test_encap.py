@@ -15,6 +15,9 @@ pytestmark = pytest.mark.usefixtures("require_root")
 TC_RETVAL = {Action.PASS: TC_ACT_OK, Action.DROP: TC_ACT_SHOT, Action.REDIRECT: TC_ACT_REDIRECT}
 SAME = "same"  # output must equal input
 PODS, HOST = "tc_encap_from_pods", "tc_encap_from_host"
+ROUTED, NETKIT = "tc_from_routed_pod", "nk_from_pod"  # a routed veth pod's host side, a netkit pod's egress
+NO_MAC = "00:00:00:00:00:00"  # an L3 netkit device's, both ends
+OTHER_POD_IP = "10.244.1.6"
 
 
 def udp_of_l3_len(l3_len: int, dst="10.244.2.7"):
@@ -34,6 +37,20 @@ def set_tot_len(n):
 
 def set_byte(offset, value):
     return lambda raw: raw.__setitem__(offset, value)
+
+
+def delivered_locally(pkt: Ether) -> bytes:
+    """To the local pod: from the gateway to its MAC, TTL - 1."""
+    out = Ether(dst=P.POD_MAC, src=P.BRIDGE_MAC) / pkt[IP].copy()
+    out[IP].ttl -= 1
+    del out[IP].chksum
+    return bytes(Ether(bytes(out)))
+
+
+def from_netkit_pod(l4=None, **kw) -> Ether:
+    pkt = P.from_pod(l4, eth_dst=NO_MAC, **kw)
+    pkt.src = NO_MAC
+    return pkt
 
 
 def direct_forwarded(pkt: Ether) -> bytes:
@@ -97,6 +114,29 @@ CASES = [
     ("host-ttl-1", HOST, P.from_host(P.icmp_echo(), ttl=1), Stat.ENCAP_VXLAN, "encap-host", {}),
     ("host-no-lease", HOST, P.from_host(P.udp(), dst="10.244.77.1"), Stat.PASS_NO_ROUTE, SAME, {}),
     ("host-direct", HOST, P.from_host(P.udp(), dst="10.244.3.1"), Stat.FWD_DIRECT, SAME, {}),
+    # Routed pods (flannel-bpf-cni): whatever MAC the frame carries, it is for the router.
+    ("routed-udp", ROUTED, P.from_pod(P.udp(), eth_dst="02:dd:00:00:00:01"), Stat.ENCAP_VXLAN, "encap", {}),
+    ("routed-direct", ROUTED, P.from_pod(P.icmp_echo(), dst="10.244.3.9", eth_dst="02:dd:00:00:00:01"),
+     Stat.FWD_DIRECT, direct_forwarded(P.from_pod(P.icmp_echo(), dst="10.244.3.9", eth_dst="02:dd:00:00:00:01")), {}),
+    ("routed-to-a-local-pod", ROUTED, P.from_pod(P.udp(), src=OTHER_POD_IP, dst=P.POD_IP),
+     Stat.LOCAL_TO_POD, delivered_locally(P.from_pod(P.udp(), src=OTHER_POD_IP, dst=P.POD_IP)), {}),
+    ("routed-local-ttl-1", ROUTED, P.from_pod(P.udp(), src=OTHER_POD_IP, dst=P.POD_IP, ttl=1),
+     Stat.PASS_TTL_EXCEEDED, SAME, {}),
+    ("routed-not-a-pod", ROUTED, P.from_pod(P.udp(), dst="10.244.1.7"), Stat.PASS_NO_ROUTE, SAME, {}),
+    ("routed-arp", ROUTED, Ether(dst="ff:ff:ff:ff:ff:ff", src=P.POD_MAC) / ARP(pdst="10.244.1.1", psrc=P.POD_IP),
+     Stat.PASS_NOT_IPV4, SAME, {}),
+    ("netkit-udp", NETKIT, from_netkit_pod(P.udp()), Stat.ENCAP_VXLAN, "encap", {}),
+    ("netkit-tcp-data", NETKIT, from_netkit_pod(P.tcp(flags="PA", payload=b"d" * 1000)), Stat.ENCAP_VXLAN,
+     "encap", {}),
+    ("netkit-direct", NETKIT, from_netkit_pod(P.icmp_echo(), dst="10.244.3.9"), Stat.FWD_DIRECT,
+     direct_forwarded(from_netkit_pod(P.icmp_echo(), dst="10.244.3.9")), {}),
+    ("netkit-to-a-local-pod", NETKIT, from_netkit_pod(P.udp(), src=OTHER_POD_IP, dst=P.POD_IP),
+     Stat.LOCAL_TO_POD, delivered_locally(from_netkit_pod(P.udp(), src=OTHER_POD_IP, dst=P.POD_IP)), {}),
+    ("netkit-to-the-host", NETKIT, from_netkit_pod(P.udp(), dst=P.UNDERLAY_IP), Stat.PASS_NO_ROUTE, SAME, {}),
+    ("netkit-oversize", NETKIT, from_netkit_pod(P.udp(payload=b"x" * 1423)), Stat.PASS_OVERSIZE, SAME, {}),
+    # A bridge pod's frame to the gateway for a routed pod of the node: the kernel routes it.
+    ("bridge-pod-to-a-routed-pod", PODS, P.from_pod(P.udp(), src=OTHER_POD_IP, dst=P.POD_IP),
+     Stat.PASS_NO_ROUTE, SAME, {}),
 ]
 
 

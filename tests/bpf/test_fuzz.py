@@ -81,13 +81,15 @@ def packets(seed: int) -> list[bytes]:
 def refused_by_test_run(prog: str, frame: bytes) -> bool:
     """A tc test-run rejects an IPv4-ethertype frame without room for an IPv4
     header before any program runs (the stack never delivers such a frame)."""
-    return prog.startswith("tc_") and len(frame) < 34 and frame[12:14] == b"\x08\x00"
+    return prog.startswith(("tc_", "nk_")) and len(frame) < 34 and frame[12:14] == b"\x08\x00"
 
 
 PROGRAMS = {
     # name: (allowed return codes, return code that means "handed on untouched")
     "tc_encap_from_pods": ({TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT}, TC_ACT_OK),
     "tc_encap_from_host": ({TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT}, TC_ACT_OK),
+    "tc_from_routed_pod": ({TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT}, TC_ACT_OK),
+    "nk_from_pod": ({TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT}, TC_ACT_OK),
     "tc_decap": ({TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT}, TC_ACT_OK),
     "xdp_decap": ({XDP_PASS, XDP_DROP}, XDP_PASS),
 }
@@ -100,7 +102,7 @@ def test_fuzzed_packets(node, prog):
     frames = packets(SEED + list(PROGRAMS).index(prog))
     seen_rc = set()
     for frame in frames:
-        ctx = SkBuff(ifindex=P.LO_IFINDEX) if prog.startswith("tc_") else None
+        ctx = SkBuff(ifindex=P.LO_IFINDEX) if prog.startswith(("tc_", "nk_")) else None
         if refused_by_test_run(prog, frame):
             with pytest.raises(OSError):
                 prog_test_run(fd, frame, ctx=ctx)

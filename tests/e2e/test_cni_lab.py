@@ -43,19 +43,42 @@ def test_every_pod_reaches_every_other(lab):
     assert [(s.netns, d.netns) for s, d, _ in matrix.failures] == []
 
 
+def forwarded(host) -> int:
+    """IPv4 packets the host's kernel has forwarded (Ip: ForwDatagrams of its namespace)."""
+    lines = [line.split() for line in run_in_netns(host.netns, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if line.startswith("Ip:")]
+    return int(lines[1][lines[0].index("ForwDatagrams")])
+
+
 def test_routed_pods_take_the_bpf_path(lab):
-    """h2's routed pod pings h1's: h2 encapsulates, h1 decapsulates straight into the pod."""
+    """h2's routed pod pings h1's: h2's program encapsulates at the pod's device, h1 decapsulates
+    straight into the pod; neither kernel forwards a packet of it."""
     src = next(p for p in routed(lab) if p.host == 2)
     dst = next(p for p in routed(lab) if p.host == 1)
     with DataPlaneMaps(lab.host(1).agent.pin_dir) as maps:
         entry = {str(e.ip): e for e in maps.list_endpoints()}[dst.ip]
     links = json.loads(run_in_netns(lab.host(1).netns, ["ip", "-j", "link", "show", dst.host_veth]).stdout)
     assert entry.ifindex == links[0]["ifindex"]
-    before1, before2 = counters(lab.host(1)), counters(lab.host(2))
+    assert "tc_from_routed_pod" in run_in_netns(lab.host(2).netns, ["tc", "filter", "show", "dev",
+                                                                     src.host_veth, "ingress"]).stdout
+    before = [(counters(h), forwarded(h)) for h in (lab.host(1), lab.host(2))]
     assert ping(src.netns, dst.ip, count=20, interval=0.01, wait=2.0).ok
-    after1, after2 = counters(lab.host(1)), counters(lab.host(2))
-    assert after1["decap_to_pod"] - before1["decap_to_pod"] >= 20
-    assert after2["encap_vxlan"] - before2["encap_vxlan"] >= 20
+    (c1, f1), (c2, f2) = [(counters(h), forwarded(h)) for h in (lab.host(1), lab.host(2))]
+    assert c1["decap_to_pod"] - before[0][0]["decap_to_pod"] >= 20
+    assert c2["encap_vxlan"] - before[1][0]["encap_vxlan"] >= 20
+    assert (f1 - before[0][1], f2 - before[1][1]) == (0, 0)
+
+
+def test_a_routed_pod_reaches_a_bridge_pod_of_its_node_directly(lab):
+    host = lab.host(1)
+    src = next(p for p in routed(lab) if p.host == 1)
+    dst = next(p for p in host.pods if p.device == "veth")
+    ping(dst.netns, dst.gateway, count=1, wait=1.0)  # the bridge pod in fl_endpoints (as after its first packet)
+    before, fwd = counters(host), forwarded(host)
+    assert ping(src.netns, dst.ip, count=10, interval=0.01, wait=2.0).ok
+    assert counters(host)["local_to_pod"] - before["local_to_pod"] >= 10
+    # only the replies (bridge pod -> routed pod) are the kernel's to route
+    assert forwarded(host) - fwd <= 10
 
 
 def test_cni_del_leaves_nothing(lab):
