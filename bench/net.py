@@ -1,8 +1,10 @@
 """Pod-to-pod network benchmark: every backend side by side, in one run.
 
 One two-host lab per path is brought up at once (hosts are namespaces, so they coexist):
-bpf with tc decap, bpf with XDP decap, kernel vxlan as flanneld sets it up, host-gw; the bare
-underlay is measured host to host in the vxlan lab. Rounds are interleaved (for each round,
+bpf with tc decap, bpf with XDP decap, bpf with pods on routed veths and on netkit
+(flannel-bpf-cni; the netkit path is skipped with a warning on a kernel without netkit), kernel
+vxlan as flanneld sets it up, host-gw; the bare underlay is measured host to host in the vxlan
+lab. Rounds are interleaved (for each round,
 for each measurement, every path in turn), so machine noise hits all paths alike; medians are
 reported, with ratios against kernel vxlan and the underlay from the same run.
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from flannel_bpf.bench.common import median, metric
 from flannel_bpf.lab.orchestrator import LabSpec, down, up
 from flannel_bpf.lab.run import popen_in_netns, run_in_netns
-from flannel_bpf.lab.topology import Lab
+from flannel_bpf.lab.topology import Lab, LabError
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,16 @@ class Path:
     name: str
     spec: LabSpec | None        # None: measured host to host in another path's lab
     underlay_of: str = ""       # for the underlay: the path whose lab it uses
+    optional: bool = False      # a lab that cannot come up (a kernel without netkit) is skipped
 
 
 PATHS = (
     Path("bpf-tc", LabSpec(name="bn-bpftc", hosts=2, pods=1, backend="bpf", decap="tc")),
     Path("bpf-xdp", LabSpec(name="bn-bpfxdp", hosts=2, pods=1, backend="bpf", decap="xdp")),
+    Path("bpf-routed", LabSpec(name="bn-bpfrt", hosts=2, pods=1, backend="bpf", decap="tc",
+                               pod_devices=("routed-veth",))),
+    Path("bpf-netkit", LabSpec(name="bn-bpfnk", hosts=2, pods=1, backend="bpf", decap="tc",
+                               pod_devices=("netkit",)), optional=True),
     Path("vxlan", LabSpec(name="bn-vxlan", hosts=2, pods=1, backend="vxlan")),
     Path("host-gw", LabSpec(name="bn-hostgw", hosts=2, pods=1, backend="host-gw")),
     Path("underlay", None, underlay_of="vxlan"),
@@ -135,21 +142,29 @@ def run(rounds: int = 3, seconds: float = 3.0, paths: tuple[Path, ...] = PATHS,
         progress=None) -> tuple[list[dict], dict]:
     """Bring the labs up, measure, take them down. Returns (results, raw samples)."""
     labs: dict[str, Lab] = {}
-    samples: dict[str, dict[str, list[float]]] = {p.name: {} for p in paths}
+    skipped: dict[str, str] = {}
     try:
         for path in paths:
             if path.spec is not None:
                 down(path.spec.name)  # a lab left by a killed run
-                labs[path.name] = up(path.spec)
-        eps = {p.name: endpoints(p, labs) for p in paths}
+                try:
+                    labs[path.name] = up(path.spec)
+                except LabError as err:
+                    if not path.optional:
+                        raise
+                    log.warning("%s: skipped, its lab did not come up: %s", path.name, err)
+                    skipped[path.name] = str(err)
+        measured = tuple(p for p in paths if p.name not in skipped)
+        samples: dict[str, dict[str, list[float]]] = {p.name: {} for p in measured}
+        eps = {p.name: endpoints(p, labs) for p in measured}
         for ep in eps.values():
             start_servers(ep)
-        total = rounds * len(MEASUREMENTS) * len(paths)
+        total = rounds * len(MEASUREMENTS) * len(measured)
         if progress:
             progress.stage("measuring", total)
         for _ in range(rounds):
             for kind in MEASUREMENTS:
-                for path in paths:
+                for path in measured:
                     try:
                         figures = measure(kind, eps[path.name], seconds)
                     except (RuntimeError, subprocess.TimeoutExpired) as err:
@@ -164,7 +179,9 @@ def run(rounds: int = 3, seconds: float = 3.0, paths: tuple[Path, ...] = PATHS,
         for path in paths:
             if path.spec is not None:
                 down(path.spec.name)
-    return summarize(samples), samples
+    results = summarize(samples)
+    results += [metric(f"net.{name}.skipped", None, "", note=reason) for name, reason in skipped.items()]
+    return results, samples
 
 
 UNITS = {"tcp1_gbps": "Gb/s", "tcp4_gbps": "Gb/s", "udp64_kpps": "kpps", "rr_p50_us": "us",
