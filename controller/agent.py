@@ -36,7 +36,7 @@ from flannel_bpf.controller.registry import SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, SubnetManager
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
-from flannel_bpf.loader.netlink.routes import find_link
+from flannel_bpf.loader.netlink.routes import MAIN_TABLE, find_link
 
 log = logging.getLogger(__name__)
 
@@ -214,15 +214,7 @@ class Agent:
                 and not self.manager.conflict)
 
     def _pods_live(self, subnet: IPv4Network) -> bool:
-        """Whether pods live on `subnet` here: the pod bridge carries an address in it and has
-        ports. Such a subnet is never given up for another (that would renumber them)."""
-        with IPRoute() as ipr:
-            link = find_link(ipr, self.options.bridge)
-            if link is None:
-                return False
-            on_subnet = any(IPv4Address(a.get_attr("IFA_ADDRESS")) in subnet
-                            for a in ipr.get_addr(family=AF_INET, index=link["index"]))
-            return on_subnet and bool(pod_ports(ipr, link["index"]))
+        return pods_live_on(subnet, self.options.bridge)
 
     def _start_health(self) -> None:
         if not self.options.healthz_port:
@@ -255,6 +247,26 @@ class Agent:
             "fallback_pending": self.backend.fallback_pending if self.backend is not None else 0,
             "netlink_failures": len(self.backend.netlink_failures) if self.backend is not None else 0,
         }
+
+
+_SCOPE_LINK = 253
+
+
+def pods_live_on(subnet: IPv4Network, bridge: str) -> bool:
+    """Whether pods live on `subnet` on this node: the pod bridge carries an address in it and
+    has ports, or a pod of flannel-bpf-cni is routed there (a /32 link route). Such a subnet is
+    never given up for another: that would renumber them."""
+    with IPRoute() as ipr:
+        for route in ipr.get_routes(family=AF_INET, table=MAIN_TABLE):
+            if (route["dst_len"] == 32 and route["scope"] == _SCOPE_LINK
+                    and IPv4Address(route.get_attr("RTA_DST")) in subnet):
+                return True
+        link = find_link(ipr, bridge)
+        if link is None:
+            return False
+        on_subnet = any(IPv4Address(a.get_attr("IFA_ADDRESS")) in subnet
+                        for a in ipr.get_addr(family=AF_INET, index=link["index"]))
+        return on_subnet and bool(pod_ports(ipr, link["index"]))
 
 
 def options_from_args(args: argparse.Namespace) -> AgentOptions:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import tempfile
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -36,6 +37,7 @@ def write_atomically(path: str | os.PathLike, content: bytes, mode: int = 0o644)
     fsync, rename."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _warn_if_others_can_replace(target.parent)
     fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "wb") as temp_file:
@@ -48,6 +50,15 @@ def write_atomically(path: str | os.PathLike, content: bytes, mode: int = 0o644)
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
         raise
+
+
+def _warn_if_others_can_replace(directory: Path) -> None:
+    """A directory others may write to (and not sticky) lets them swap our file for theirs:
+    said, not changed (the directory is not ours to change)."""
+    mode = directory.stat().st_mode
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        log.warning("%s is writable by users other than its owner (mode %o): any of them can replace the "
+                    "files written there", directory, stat.S_IMODE(mode))
 
 
 def read_subnet_env(path: str | os.PathLike) -> dict[str, str]:

@@ -40,3 +40,16 @@ def test_bad_previous_subnet_is_ignored_with_a_warning(tmp_path, caplog):
     path.write_text("FLANNEL_SUBNET=banana\n")
     assert read_previous_subnet(path) is None
     assert "ignoring FLANNEL_SUBNET=banana" in caplog.text
+
+
+def test_a_directory_others_can_write_to_is_warned_about(tmp_path, caplog):
+    net, sub = IPv4Network("10.244.0.0/16"), IPv4Network("10.244.1.0/24")
+    loose, sticky = tmp_path / "loose", tmp_path / "sticky"
+    for directory, mode in ((loose, 0o777), (sticky, 0o1777)):
+        directory.mkdir()
+        os.chmod(directory, mode)
+    write_subnet_env(sticky / "subnet.env", net, sub, 1450, False)  # /tmp-like: others cannot replace ours
+    assert "writable by users other than its owner" not in caplog.text
+    write_subnet_env(loose / "subnet.env", net, sub, 1450, False)
+    assert f"{loose} is writable by users other than its owner (mode 777)" in caplog.text
+    assert stat.S_IMODE((loose / "subnet.env").stat().st_mode) == 0o644
