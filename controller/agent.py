@@ -174,14 +174,18 @@ class Agent:
         if self.manager is not None:
             self.manager.stop(release=self.options.cleanup_on_exit)
         self.applier.stop()
-        if self.backend is not None and self._started.is_set():
+        # With cleanup, also after a failed start: prepare() may have pinned programs already.
+        if self.backend is not None and (self._started.is_set() or self.options.cleanup_on_exit):
             with self._backend_lock:
                 self.backend.stop(cleanup=self.options.cleanup_on_exit)
         self.iptables.stop(remove_rules=self.options.cleanup_on_exit)
         if self.health is not None:
             self.health.stop()
-        log.info("stopped; data plane %s", "removed" if self.options.cleanup_on_exit
-                 else "left forwarding (pinned)")
+        if self.options.cleanup_on_exit:
+            log.info("stopped; data plane removed")
+        else:
+            log.info("stopped; data plane %s", "left forwarding (pinned)" if self._started.is_set()
+                     else "not started")
 
     # -- subnet manager hooks (its event thread) ---------------------------------------------
 

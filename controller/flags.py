@@ -71,8 +71,21 @@ def _prefix(value: str) -> str:
 
 
 def _existing_file(value: str) -> str:
-    if not Path(value).is_file():
+    path = Path(value)
+    if path.is_dir():
+        _fail(f"{value} is a directory, not a file")
+    if not path.is_file():
         _fail(f"{value}: no such file")
+    return value
+
+
+def _file_to_write(value: str) -> str:
+    path = Path(value)
+    if not value or path.is_dir():
+        _fail(f"{value!r} is a directory, not a file to write" if value else "must not be empty")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        _fail(f"{value}: {parent} is not a directory")
     return value
 
 
@@ -187,7 +200,7 @@ _FLAGS = (
     ("--iface-regex", _regex, None, True, "REGEX",
      "pick the uplink whose address or name matches (repeatable; used when --iface is not given)"),
     ("--public-ip", _ipv4, None, False, "IP", "IP address other nodes reach this node at (default: the uplink's)"),
-    ("--subnet-file", str, DEFAULT_SUBNET_FILE, False, "FILE", "where to write subnet.env"),
+    ("--subnet-file", _file_to_write, DEFAULT_SUBNET_FILE, False, "FILE", "where to write subnet.env"),
     ("--subnet-lease-renew-margin", _renew_margin, "60", False, "MINUTES",
      "renew the 24 h lease this many minutes before it expires"),
     ("--net-config-path", _existing_file, None, False, "FILE",

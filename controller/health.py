@@ -84,6 +84,10 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+class HealthServerError(RuntimeError):
+    """The health server cannot listen where it was asked to."""
+
+
 class HealthServer:
     def __init__(self, address: str, port: int, is_ready: Callable[[], bool], snapshot: Callable[[], dict]):
         self.registry = CollectorRegistry(auto_describe=False)
@@ -119,7 +123,11 @@ class HealthServer:
             def log_message(self, *args):  # scrapes are not events worth a log line
                 pass
 
-        self.httpd = ThreadingHTTPServer((address, port), Handler)
+        try:
+            self.httpd = ThreadingHTTPServer((address, port), Handler)
+        except OSError as exc:  # e.g. an address that is not this host's, or a port in use
+            raise HealthServerError(f"--healthz-ip {address} --healthz-port {port}: cannot listen there: "
+                                    f"{exc.strerror or exc}") from None
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="flannel-bpf-healthz",

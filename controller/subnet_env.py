@@ -32,6 +32,20 @@ def write_subnet_env(path: str | os.PathLike, network: IPv4Network, subnet: IPv4
     write_atomically(path, render_subnet_env(network, subnet, mtu, ip_masq).encode())
 
 
+def check_subnet_file(path: str | os.PathLike) -> None:
+    """Make sure subnet.env can be written at `path` (making its directory) before a lease is
+    taken for it; SubnetEnvError says why not."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as exc:
+        raise SubnetEnvError(f"cannot write subnet.env to {path}: {exc.strerror} ({exc.filename})") from None
+    if target.is_dir():
+        raise SubnetEnvError(f"cannot write subnet.env to {path}: it is a directory")
+    if not os.access(target.parent, os.W_OK):
+        raise SubnetEnvError(f"cannot write subnet.env to {path}: {target.parent} is not writable")
+
+
 def write_atomically(path: str | os.PathLike, content: bytes, mode: int = 0o644) -> None:
     """Readers see the old file or the new one, never a part: temp file in the same directory,
     fsync, rename."""

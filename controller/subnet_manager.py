@@ -28,7 +28,7 @@ from flannel_bpf.controller.lease_check import (BAD_KEY, BAD_VALUE, LeaseProblem
 from flannel_bpf.controller.peers import PeerEvent, PeerSink, PeerTable
 from flannel_bpf.controller.registry import (EtcdError, InvalidEntry, LeaseChange, LeaseListing, LeaseWatch,
                        SubnetRegistry, WatchCompacted)
-from flannel_bpf.controller.subnet_env import read_previous_subnet, write_subnet_env
+from flannel_bpf.controller.subnet_env import check_subnet_file, read_previous_subnet, write_subnet_env
 from flannel_bpf.loader.netdefs import DEFAULT_SUBNET_FILE
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,10 @@ class SubnetManager:
 
     def start(self) -> Lease:
         """Acquire the lease and write subnet.env (raising OutOfSubnets, SubnetAcquireError or
-        EtcdError when that fails), then start keeping it and watching peers."""
+        EtcdError when that fails, SubnetEnvError when subnet.env cannot be written), then start
+        keeping it and watching peers."""
+        if self.subnet_file is not None:
+            check_subnet_file(self.subnet_file)  # before a lease is taken that nobody could use
         with self._own_lock:
             try:
                 self._lease = self._acquire(self.previous_subnet)

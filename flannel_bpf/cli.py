@@ -30,8 +30,15 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag is one line naming it (the usage is one --help away, not printed first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flannel-bpf", description=__doc__)
+    parser = OneLineErrorParser(prog="flannel-bpf", description=__doc__)
     parser.add_argument("--version", action="version", version=f"flannel-bpf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -11,7 +11,9 @@ from flannel_bpf.controller.agent import BACKEND_CHOICES, Agent, options_from_ar
 from flannel_bpf.controller.config import ConfigError
 from flannel_bpf.controller.config_change import ConfigChangeRefused
 from flannel_bpf.controller.flags import FlagError, add_flanneld_flags, etcd_options_from_args
+from flannel_bpf.controller.health import HealthServerError
 from flannel_bpf.controller.registry import EtcdError, SubnetRegistry
+from flannel_bpf.controller.subnet_env import SubnetEnvError
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, OutOfSubnets, SubnetAcquireError
 from flannel_bpf.controller.uplink import UplinkError, select_uplink
 from flannel_bpf.loader.bpf.program import LoadError
@@ -80,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         agent.run()
         code = 0
+    except InterruptedError as err:  # a signal before the agent was running: a clean stop
+        log.info("%s", err)
+        code = 0
     except (ConfigError, ConfigChangeRefused, OutOfSubnets, SubnetAcquireError, EtcdError, UplinkError,
-            LoadError) as err:
+            LoadError, HealthServerError, SubnetEnvError) as err:
         log.error("%s", err)
     except Exception:
         log.exception("the agent failed")

@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
         pin_dir = str(args.pin_dir or attach.default_pin_dir(args.iface))
     except ValueError as err:
         raise UsageError(str(err)) from None
+    with IPRoute() as ipr:
+        uplink_present = link_index(ipr, args.iface) is not None
+    if not uplink_present and not os.path.exists(pin_dir):
+        raise UsageError(f"--iface {args.iface}: no such interface here, and nothing pinned for it in {pin_dir}")
     vni = args.vni if args.vni is not None else pinned_vni(pin_dir)
     if vni is None:
         vni = DEFAULT_VNI
