@@ -1,14 +1,16 @@
 """Two Docker hosts on flannel-bpf, with the real dockerd (Debian's docker.io): each lab host runs
 its own dockerd (own data-root, exec-root, pidfile, socket), started after the agent with the
-options `flannel-bpf docker-opts` wrote from the agent's subnet.env, so docker0 appears while the
-agent runs. Containers come from an image imported from busybox-static. A container on host 1
+options that the shipped docker.service drop-in's own commands (`flannel-bpf docker-opts`, run as
+systemd would, twice) wrote from the agent's subnet.env, so docker0 appears while the agent runs. Containers come from an image imported from busybox-static. A container on host 1
 pings and opens TCP to a container on host 2 and the encap counters prove the BPF path; Docker's
 FORWARD policy DROP is passed by the agent's FLANNEL-FWD rules on the kernel path; the rules come
 back when flushed; and nothing stays behind."""
 from __future__ import annotations
 
+import importlib.resources
 import os
 import signal
+import sys
 
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -17,18 +19,22 @@ import pytest
 
 from flannel_bpf.controller.subnet_env import read_subnet_env
 from flannel_bpf.lab import orchestrator as orch
-from flannel_bpf.lab.dockerd import Dockerd, DockerdError, container_pids, mounts_below, read_docker_opts
+from flannel_bpf.lab.dockerd import Dockerd, DockerdError, container_pids, mounts_below, run_drop_in
 from flannel_bpf.lab.run import run_in_netns
 from flannel_bpf.lab.topology import Lab, run_dir
 from flannel_bpf.loader.bpf.attach import list_tc
 from flannel_bpf.loader.bpf.maps import DataPlaneMaps
 from flannel_bpf.loader.netns import in_netns, write_sysctl
 
-from e2e_lab import assert_lab_gone, cli, counters, lab_name, root_snapshot, wait_until
+from e2e_lab import assert_lab_gone, counters, lab_name, root_snapshot, wait_until
 
 pytestmark = pytest.mark.docker
 
 RESYNC = 1  # the agents re-check their iptables rules every second here (flanneld: 5)
+DROP_IN = (importlib.resources.files("flannel_bpf.deploy") / "systemd/docker.service.d/flannel-bpf.conf").read_text()
+# docker.service's environment: what /etc/default/docker may say, and nothing of ours.
+DEBIAN_DEFAULT_OPTS = "--log-level=info"
+DOCKER_ENVIRONMENT = {"PATH": os.environ["PATH"], "DOCKER_OPTS": DEBIAN_DEFAULT_OPTS}
 
 
 def _sh(netns: str, *argv: str) -> str:
@@ -62,10 +68,12 @@ def docker_lab():
         orch.wait_ready(lab, [h.index for h in lab.hosts])
         for host in lab.hosts:
             directory = orch.host_dir(lab, host)
-            opts = directory / "docker_opts.env"
-            made = cli("docker-opts", "-f", host.agent.subnet_file, "-d", str(opts))
-            assert made.returncode == 0, made.stderr
-            daemon = Dockerd(host.netns, directory / "docker", read_docker_opts(opts))
+            moves = {"/run/flannel/subnet.env": host.agent.subnet_file,
+                     "/run/docker_opts.env": str(directory / "docker_opts.env"),
+                     "/usr/local/bin/flannel-bpf": str(Path(sys.executable).parent / "flannel-bpf")}
+            options = run_drop_in(DROP_IN, moves, DOCKER_ENVIRONMENT)
+            assert run_drop_in(DROP_IN, moves, DOCKER_ENVIRONMENT) == options  # a restart adds nothing
+            daemon = Dockerd(host.netns, directory / "docker", options)
             daemons.append(daemon)
             # As on a host booting: Docker finds forwarding off, turns it on and sets FORWARD's
             # policy to DROP (it leaves the policy alone where forwarding was on already).
@@ -89,11 +97,12 @@ def docker_lab():
         orch.down(name)
 
 
-def test_dockerd_runs_with_docker_opts_on_docker0_made_after_the_agent_started(docker_lab):
+def test_dockerd_runs_with_the_drop_in_s_options_on_docker0_made_after_the_agent_started(docker_lab):
     lab, daemons, _ = docker_lab
     for host, daemon in zip(lab.hosts, daemons):
         env = read_subnet_env(host.agent.subnet_file)
-        assert daemon.options == [f"--bip={env['FLANNEL_SUBNET']}", "--ip-masq=true", f"--mtu={env['FLANNEL_MTU']}"]
+        assert daemon.options == [DEBIAN_DEFAULT_OPTS, f"--bip={env['FLANNEL_SUBNET']}", "--ip-masq=true",
+                                  f"--mtu={env['FLANNEL_MTU']}"]
         bridge = _sh(host.netns, "ip", "-4", "-o", "addr", "show", "dev", "docker0")
         assert f"inet {env['FLANNEL_SUBNET']} " in bridge
         assert f"mtu {env['FLANNEL_MTU']} " in _sh(host.netns, "ip", "-o", "link", "show", "dev", "docker0")
