@@ -1,11 +1,14 @@
-"""--etcd-cafile/--etcd-certfile/--etcd-keyfile against an etcd that requires client certificates."""
+"""--etcd-cafile/--etcd-certfile/--etcd-keyfile against an etcd that requires client certificates, with
+and without --etcd-username/--etcd-password, and the warning for plain HTTP to another host."""
 import json
 import shutil
 import subprocess
 
+import etcd3
+import etcd3.etcdrpc as etcdrpc
 import pytest
 
-from flannel_bpf.controller.registry import EtcdError
+from flannel_bpf.controller.registry import EtcdError, EtcdOptions, SubnetRegistry
 from flannel_bpf.lab.etcd import EtcdTLS
 
 
@@ -39,3 +42,54 @@ def test_tls_with_client_certificate(etcd_cluster, prefix, open_registry, agents
     # Without a client certificate etcd refuses the connection.
     with pytest.raises(EtcdError):
         open_registry(cluster.endpoints, prefix, cafile=str(tls_files.ca), timeout=2).get_network_config_text()
+
+
+def enable_auth_over_tls(member, tls: EtcdTLS, password: str) -> None:
+    """etcd's auth as an operator sets it up (a root user with the root role, then auth on),
+    through a client that presents the certificate."""
+    client = etcd3.client(host=member.host, port=member.client_port, timeout=5, ca_cert=str(tls.ca),
+                          cert_key=str(tls.key), cert_cert=str(tls.cert))
+    try:
+        auth = etcdrpc.AuthStub(client.channel)
+        auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name="root"), 5)
+        auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=password), 5)
+        auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"), 5)
+        auth.AuthEnable(etcdrpc.AuthEnableRequest(), 5)
+    finally:
+        client.close()
+
+
+def test_tls_client_certificate_and_password_together(etcd_cluster, prefix, open_registry, agents, network_doc,
+                                                      tls_files):
+    cluster = etcd_cluster(1, tls=tls_files)
+    enable_auth_over_tls(cluster.members[0], tls_files, "s3cret")
+    files = {"cafile": str(tls_files.ca), "certfile": str(tls_files.cert), "keyfile": str(tls_files.key)}
+    # The certificate alone names user "etcd" (its CN), who does not exist; a wrong password fails.
+    with pytest.raises(EtcdError):
+        open_registry(cluster.endpoints, prefix, timeout=2, **files).put_network_config(json.dumps(network_doc))
+    with pytest.raises(EtcdError, match="authentication failed"):
+        open_registry(cluster.endpoints, prefix, timeout=2, username="root", password="wrong",
+                      **files).get_network_config_text()
+    credentials = {**files, "username": "root", "password": "s3cret"}
+    open_registry(cluster.endpoints, prefix, **credentials).put_network_config(json.dumps(network_doc))
+    manager, sink = agents(1, endpoints=cluster.endpoints, etcd_options=credentials)
+    other, _ = agents(2, endpoints=cluster.endpoints, etcd_options=credentials)
+    sink.wait_for_peers({other.lease.subnet})
+    assert manager.watch_down_for() is None
+
+
+@pytest.mark.parametrize("endpoint, warned", [
+    ("http://198.18.0.1:2379", True),
+    ("http://etcd.example:2379", True),
+    ("https://198.18.0.1:2379", False),
+    ("http://127.0.0.1:2379", False),
+    ("http://localhost:2379", False),
+    ("http://[::1]:2379", False),
+])
+def test_plain_http_to_another_host_is_warned_about(endpoint, warned, caplog):
+    with SubnetRegistry(EtcdOptions(endpoints=(endpoint,), username="root", password="pw")):
+        pass  # no connection is made until the first call
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(said) == warned, said
+    if warned:
+        assert f"etcd endpoint {endpoint} is plain HTTP" in said[0] and "the etcd password" in said[0]

@@ -166,6 +166,7 @@ def test_memory_for_the_log_once_rule_is_bounded(network_config, agents, raw, ca
         grown = tracemalloc.get_traced_memory()[0] - baseline
     finally:
         tracemalloc.stop()
+    print(f"\nlog-once memory: {grown / 1024:.0f} KiB more after 60 x 1 MiB values and 200 junk keys")
     assert len(manager.skipped) == 201
     assert grown < 2 << 20, f"grew by {grown} bytes after 60 MB of invalid values"
     # Each value is a new reason, so each is logged once (a shortened line), and then forgotten.
