@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import time
 
 from flannel_bpf.controller.docker_opts import DEFAULT_COMBINED_KEY, DEFAULT_DOCKER_ENV, render_docker_env
@@ -12,6 +13,13 @@ from flannel_bpf.controller.subnet_env import SubnetEnvError, load_complete_subn
 from flannel_bpf.loader.netdefs import DEFAULT_SUBNET_FILE
 
 log = logging.getLogger("flannel-bpf")
+
+
+def _variable_name(value: str) -> str:
+    """The combined variable's name: docker.service's environment file needs a shell name."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a variable name (letters, digits, _)")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -26,8 +34,8 @@ def add_parser(sub) -> None:
                         help="each option as its own variable, e.g. DOCKER_OPT_MTU")
     parser.add_argument("-c", dest="combined", action="store_true",
                         help="all options in one variable (DOCKER_OPTS, or -k's name)")
-    parser.add_argument("-k", dest="combined_key", default=DEFAULT_COMBINED_KEY, metavar="COMBINED-KEY",
-                        help=f"name of the combined variable (default {DEFAULT_COMBINED_KEY})")
+    parser.add_argument("-k", dest="combined_key", type=_variable_name, default=DEFAULT_COMBINED_KEY,
+                        metavar="COMBINED-KEY", help=f"name of the combined variable (default {DEFAULT_COMBINED_KEY})")
     parser.add_argument("-m", dest="ip_masq", action="store_false",
                         help="leave --ip-masq out (for Docker versions without it)")
     parser.add_argument("--current", action="store_true",

@@ -130,3 +130,11 @@ def test_wait_takes_the_subnet_env_the_agent_writes_meanwhile(tmp_path):
     finally:
         writer.join()
     assert out.read_text() == 'DOCKER_OPTS=" --bip=10.0.4.1/24 --ip-masq=true --mtu=1450"\n'
+
+
+@pytest.mark.parametrize("key", ["", "DOCKER OPTS", "1OPTS", "OPTS=x"])
+def test_a_combined_key_that_is_no_variable_name_is_refused(tmp_path, capsys, key):
+    with pytest.raises(SystemExit) as exited:
+        main(["docker-opts", "-k", key, "-f", str(tmp_path / "subnet.env"), "-d", str(tmp_path / "out")])
+    assert exited.value.code == 2 and "not a variable name" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
