@@ -3,8 +3,7 @@
 everything of its own (data-root, exec-root, pidfile, socket, daemon.json, key) below one
 directory. Containers come from an image imported from Debian's busybox-static: nothing is pulled.
 
-    options = run_drop_in(drop_in_text, moves, environ)    # as docker.service's drop-in does
-    daemon = Dockerd(netns, base_dir, options)
+    daemon = Dockerd(netns, base_dir, options)   # options: e.g. lab.units.run_drop_in(...)
     daemon.start()
     daemon.import_busybox()
     daemon.run("c1", "sleep", "600")
@@ -19,7 +18,6 @@ import io
 import json
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import tarfile
@@ -44,45 +42,6 @@ SHARED_DIRS = (Path("/run/docker/plugins"), Path("/run/docker"), Path("/run/cont
 
 class DockerdError(RuntimeError):
     """dockerd did not start or a docker command failed; the message says why."""
-
-
-def read_environment_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (quotes removed)."""
-    values = {}
-    for line in path.read_text().splitlines():
-        name, sep, value = line.partition("=")
-        if sep and not name.lstrip().startswith("#"):
-            values[name.strip()] = " ".join(shlex.split(value))
-    return values
-
-
-def run_drop_in(drop_in: str, moves: dict[str, str], environ: dict[str, str]) -> list[str]:
-    """What systemd does with a docker.service drop-in before dockerd starts: each ExecStartPre=
-    command in order, in `environ` plus the EnvironmentFile= files that exist at that moment
-    (systemd reads them again for each command); then $DOCKER_OPTS, split on white space as
-    systemd splits it for ExecStart. `moves` maps the drop-in's paths to the lab's."""
-    def moved(text: str) -> str:
-        for old, new in moves.items():
-            text = text.replace(old, new)
-        return text
-
-    lines = [moved(line.strip()) for line in drop_in.splitlines()]
-    env_files = [Path(line.partition("=")[2].lstrip("-")) for line in lines if line.startswith("EnvironmentFile=")]
-
-    def environment() -> dict[str, str]:
-        merged = dict(environ)
-        for path in env_files:
-            if path.exists():
-                merged.update(read_environment_file(path))
-        return merged
-
-    for line in lines:
-        if line.startswith("ExecStartPre="):
-            done = subprocess.run(shlex.split(line.partition("=")[2]), env=environment(), capture_output=True,
-                                  text=True, timeout=180)
-            if done.returncode != 0:
-                raise DockerdError(f"{line}: exit {done.returncode}: {done.stderr.strip()}")
-    return environment().get("DOCKER_OPTS", "").split()
 
 
 def busybox_rootfs() -> bytes:

@@ -1,15 +1,18 @@
-"""Two Docker hosts on flannel-bpf, with the real dockerd (Debian's docker.io): each lab host runs
-its own dockerd (own data-root, exec-root, pidfile, socket), started after the agent with the
-options that the shipped docker.service drop-in's own commands (`flannel-bpf docker-opts`, run as
-systemd would, twice) wrote from the agent's subnet.env, so docker0 appears while the agent runs. Containers come from an image imported from busybox-static. A container on host 1
-pings and opens TCP to a container on host 2 and the encap counters prove the BPF path; Docker's
-FORWARD policy DROP is passed by the agent's FLANNEL-FWD rules on the kernel path; the rules come
-back when flushed; and nothing stays behind."""
+"""Two Docker hosts on flannel-bpf as the shipped systemd files set them up, with the real dockerd
+(Debian's docker.io). Each host's agent is flannel-bpf.service's ExecStart, its settings FLANNELD_*
+variables in its environment file. Each host runs its own dockerd (own data-root, exec-root,
+pidfile, socket), started after the agent with the options that the docker.service drop-in's own
+commands (`flannel-bpf docker-opts`, run as systemd would, twice) wrote from the agent's
+subnet.env, so docker0 appears while the agent runs. Containers come from an image imported from
+busybox-static. A container on host 1 pings and opens TCP to a container on host 2 and the encap
+counters prove the BPF path; Docker's FORWARD policy DROP is passed by the agent's FLANNEL-FWD
+rules on the kernel path; the rules come back when flushed; and nothing stays behind."""
 from __future__ import annotations
 
 import importlib.resources
 import os
 import signal
+import subprocess
 import sys
 
 from ipaddress import IPv4Address, IPv4Interface
@@ -19,10 +22,11 @@ import pytest
 
 from flannel_bpf.controller.subnet_env import read_subnet_env
 from flannel_bpf.lab import orchestrator as orch
-from flannel_bpf.lab.dockerd import Dockerd, DockerdError, container_pids, mounts_below, run_drop_in
-from flannel_bpf.lab.run import run_in_netns
-from flannel_bpf.lab.topology import Lab, run_dir
-from flannel_bpf.loader.bpf.attach import list_tc
+from flannel_bpf.lab.dockerd import Dockerd, DockerdError, container_pids, mounts_below
+from flannel_bpf.lab.run import nsenter_argv, run_in_netns
+from flannel_bpf.lab.topology import AgentState, Lab, run_dir
+from flannel_bpf.lab.units import run_drop_in, service_command
+from flannel_bpf.loader.bpf.attach import default_pin_dir, list_tc
 from flannel_bpf.loader.bpf.maps import DataPlaneMaps
 from flannel_bpf.loader.netns import in_netns, write_sysctl
 
@@ -31,7 +35,10 @@ from e2e_lab import assert_lab_gone, counters, lab_name, root_snapshot, wait_unt
 pytestmark = pytest.mark.docker
 
 RESYNC = 1  # the agents re-check their iptables rules every second here (flanneld: 5)
-DROP_IN = (importlib.resources.files("flannel_bpf.deploy") / "systemd/docker.service.d/flannel-bpf.conf").read_text()
+DEPLOY = importlib.resources.files("flannel_bpf.deploy")
+UNIT = (DEPLOY / "systemd/flannel-bpf.service").read_text()
+DROP_IN = (DEPLOY / "systemd/docker.service.d/flannel-bpf.conf").read_text()
+FLANNEL_BPF = str(Path(sys.executable).parent / "flannel-bpf")
 # docker.service's environment: what /etc/default/docker may say, and nothing of ours.
 DEBIAN_DEFAULT_OPTS = "--log-level=info"
 DOCKER_ENVIRONMENT = {"PATH": os.environ["PATH"], "DOCKER_OPTS": DEBIAN_DEFAULT_OPTS}
@@ -51,6 +58,31 @@ def _encap_attached(host, veth: str) -> bool:
         return any(f.name == "tc_encap_from_pods" for f in list_tc(veth))
 
 
+def start_unit_agent(lab: Lab, host) -> None:
+    """flannel-bpf.service's ExecStart in the host namespace, in the environment its
+    EnvironmentFile= gives it: the lab's etcd and paths as FLANNELD_* settings."""
+    directory = orch.host_dir(lab, host)
+    directory.mkdir(parents=True, exist_ok=True)
+    with in_netns(host.netns):
+        pin_dir = str(default_pin_dir(host.uplink))
+    agent = AgentState(backend="bpf", pid=None, healthz_port=orch.HEALTHZ_BASE_PORT + host.index,
+                       log_path=str(directory / "agent.log"), subnet_file=str(directory / "subnet.env"),
+                       pin_dir=pin_dir)
+    env_file = directory / "flannel-bpf.env"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in {
+        "FLANNELD_ETCD_ENDPOINTS": ",".join(lab.state.etcd.endpoints), "FLANNELD_ETCD_PREFIX": lab.state.etcd.prefix,
+        "FLANNELD_IFACE": host.uplink, "FLANNELD_SUBNET_FILE": agent.subnet_file,
+        "FLANNELD_HEALTHZ_PORT": agent.healthz_port, "FLANNELD_IPTABLES_RESYNC": RESYNC}.items()))
+    argv, env = service_command(UNIT, {"/etc/flannel-bpf/flannel-bpf.env": str(env_file),
+                                       "/usr/local/bin/flannel-bpf": FLANNEL_BPF}, {"PATH": os.environ["PATH"]})
+    assert argv[1:] == ["attach", "--bridge", "docker0"]
+    with open(agent.log_path, "ab") as log_file:
+        agent.pid = subprocess.Popen(nsenter_argv(host.netns, argv), env=env, stdin=subprocess.DEVNULL,
+                                     stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True).pid
+    host.agent = agent
+    lab.save()
+
+
 @pytest.fixture(scope="module")
 def docker_lab():
     name = lab_name("dk")
@@ -61,16 +93,15 @@ def docker_lab():
         orch.start_etcd(lab)
         orch.write_network_config(lab, orch.network_config(["bpf", "bpf"]))
         for host in lab.hosts:
-            orch.start_agent(lab, host.index, "bpf",
-                             extra_args=["--bridge", "docker0", "--iptables-resync", str(RESYNC)])
+            start_unit_agent(lab, host)
         for host in lab.hosts:
-            orch.wait_for_subnet(lab, host.index)
-        orch.wait_ready(lab, [h.index for h in lab.hosts])
+            wait_until(lambda: Path(host.agent.subnet_file).exists(), 60, 0.1, f"host {host.index}'s subnet.env")
+            wait_until(lambda: orch.readyz(host) == 200, 60, 0.1, f"host {host.index}'s agent ready")
         for host in lab.hosts:
             directory = orch.host_dir(lab, host)
             moves = {"/run/flannel/subnet.env": host.agent.subnet_file,
                      "/run/docker_opts.env": str(directory / "docker_opts.env"),
-                     "/usr/local/bin/flannel-bpf": str(Path(sys.executable).parent / "flannel-bpf")}
+                     "/usr/local/bin/flannel-bpf": FLANNEL_BPF}
             options = run_drop_in(DROP_IN, moves, DOCKER_ENVIRONMENT)
             assert run_drop_in(DROP_IN, moves, DOCKER_ENVIRONMENT) == options  # a restart adds nothing
             daemon = Dockerd(host.netns, directory / "docker", options)
