@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 import signal
 import subprocess
 import sys
-
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
@@ -158,6 +159,19 @@ def test_a_container_pings_and_opens_tcp_to_a_container_on_the_other_host_over_b
     # 5 echo requests and the TCP segments each way went through the BPF encap on both hosts.
     assert sent[0] >= 5 + 3 and sent[1] >= 5 + 3, sent
     assert delivered[0] >= 5 and delivered[1] >= 5, delivered
+
+
+def test_docker_s_masquerade_leaves_the_bpf_path_alone(docker_lab):
+    """Docker's `-s <subnet> ! -o docker0 -j MASQUERADE` would rewrite what leaves through the
+    kernel; the BPF path encapsulates at the veth, before netfilter: c2 sees c1's own address."""
+    _, (d1, d2), _ = docker_lab
+    source, target = d1.container_ip("c1"), d2.container_ip("c2")
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(d1.exec, "c1", "sh", "-c", f"sleep 5 | nc -w 8 {target} 8080")
+        peer = re.compile(rf"[ :]{re.escape(source)}:\d+ +ESTABLISHED")   # IPv4 or v4-mapped IPv6
+        wait_until(lambda: peer.search(d2.exec("c2", "netstat", "-tn").stdout.decode()), 5, 0.2,
+                   f"c2 seeing a connection from {source}")
+        assert held.result(timeout=20).returncode == 0
 
 
 def test_the_kernel_path_passes_docker_s_forward_drop_through_flannel_fwd(docker_lab):
