@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from flannel_bpf.loader.netdefs import check_vni, parse_mac
+from flannel_bpf.loader.netdefs import DEFAULT_VNI, check_vni, parse_mac
 
 # flannel's subnetRegex (an optional "&<ipv6>-<len>" tail for dual stack).
 _SUBNET_KEY = re.compile(r"(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$")
@@ -87,7 +87,7 @@ def lease_type_of(backend_type: str) -> str:
     return "vxlan" if backend_type == "bpf" else backend_type
 
 
-def node_lease_attrs(backend_type: str, public_ip: IPv4Address | str, vni: int = 1,
+def node_lease_attrs(backend_type: str, public_ip: IPv4Address | str, vni: int = DEFAULT_VNI,
                      vtep_mac: str | None = None) -> LeaseAttrs:
     """What a node with this Backend.Type publishes. "bpf" publishes flannel's vxlan lease (same
     BackendType and BackendData), so stock vxlan nodes program routes to it; "host-gw" publishes a

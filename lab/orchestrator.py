@@ -40,7 +40,7 @@ from flannel_bpf.lab.topology import (DEFAULT_LAB, MAX_HOSTS, POD_NETWORK, UNDER
                                       destroy, list_labs, read_state, run_dir)
 from flannel_bpf.loader.bpf.attach import default_pin_dir, list_tc
 from flannel_bpf.loader.bpf.maps import DataPlaneMaps
-from flannel_bpf.loader.netdefs import DEFAULT_ETCD_PREFIX, check_vni
+from flannel_bpf.loader.netdefs import DEFAULT_ETCD_PREFIX, DEFAULT_VNI, check_vni
 from flannel_bpf.loader.netns import in_netns
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class LabSpec:
     second_subnet: tuple[int, ...] = ()     # hosts behind the router, on 198.18.1.0/24
     direct_routing: bool = False
     decap: str | None = None                # --decap for bpf agents
-    vni: int = 1
+    vni: int = DEFAULT_VNI
     agent_args: tuple[str, ...] = ()        # extra `attach` flags for every agent
     pod_devices: tuple[str, ...] = ("veth",)  # pod n of every host gets pod_devices[(n - 1) % len]
 
@@ -107,7 +107,7 @@ class LabSpec:
         network_config(self.host_backends(), self.vni, self.direct_routing)
 
 
-def network_config(backends: Iterable[str], vni: int = 1, direct_routing: bool = False) -> dict:
+def network_config(backends: Iterable[str], vni: int = DEFAULT_VNI, direct_routing: bool = False) -> dict:
     """flannel's net-conf for a lab whose hosts run `backends`. All bpf: Type bpf. bpf and
     vxlan mixed: Type vxlan (what stock nodes need), the bpf hosts run with --backend bpf.
     host-gw only on its own: stock flannel cannot mix it with vxlan."""

@@ -16,6 +16,7 @@ from flannel_bpf.bench import run as bench
 from flannel_bpf.console import make_console
 from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.topology import DEFAULT_LAB, Lab, LabError, LabNotFound
+from flannel_bpf.loader.netdefs import DEFAULT_VNI
 from flannel_bpf.usage import UsageError
 
 log = logging.getLogger("flannel-bpf")
@@ -59,7 +60,7 @@ def add_parser(sub) -> None:
                     help="pod devices, cycled over each host's pods: veth (a port of cni0, default), "
                          "netkit or routed-veth (made by flannel-bpf-cni)")
     up.add_argument("--decap", choices=("auto", "xdp", "tc"), help="decap hook of bpf hosts")
-    up.add_argument("--vni", type=int, default=1, help="VXLAN network identifier (default 1)")
+    up.add_argument("--vni", type=int, default=DEFAULT_VNI, help="VXLAN network identifier (default %(default)s)")
     up.add_argument("--keep-on-failure", action="store_true",
                     help="leave a lab that failed to come up in place, for inspection")
     up.add_argument("--no-ping", action="store_true", help="skip the reachability matrix")
