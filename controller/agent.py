@@ -35,6 +35,7 @@ from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.registry import SubnetRegistry
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, SubnetManager
 from flannel_bpf.controller.uplink import Uplink
+from flannel_bpf.loader.bpf.program import CHILD_TIMEOUT
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
 from flannel_bpf.loader.netlink.routes import MAIN_TABLE, find_link
 
@@ -45,6 +46,7 @@ BACKEND_CHOICES = ("bpf", "vxlan", "host-gw")
 class AgentOptions:
     backend: str | None = None          # overrides Backend.Type of the network config
     decap: str | None = None            # overrides Backend.Decap ("auto" | "xdp" | "tc")
+    compile_timeout: float = CHILD_TIMEOUT  # for the bpf programs, at start
     bridge: str = DEFAULT_BRIDGE
     pin_dir: str | None = None
     cleanup_on_exit: bool = False
@@ -110,7 +112,8 @@ class Agent:
         backend_class = BACKENDS[backend_type]
         kwargs = {}
         if backend_type == "bpf":
-            kwargs = dict(bridge=self.options.bridge, pin_dir=self.options.pin_dir)
+            kwargs = dict(bridge=self.options.bridge, pin_dir=self.options.pin_dir,
+                          compile_timeout=self.options.compile_timeout)
         self.backend = backend_class(self.config.backend, self.uplink, **kwargs)
         vtep_mac = getattr(self.backend, "vtep_mac", None)
         attrs = node_lease_attrs(backend_type, self.uplink.public_ip, self.config.backend.vni, vtep_mac)
@@ -280,8 +283,10 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
                         f"the lease TTL ({args.subnet_lease_ttl} s)")
     if args.reconcile_interval <= 0:
         raise FlagError("--reconcile-interval must be positive")
+    if args.compile_timeout <= 0:
+        raise FlagError("--compile-timeout must be positive")
     return AgentOptions(
-        backend=args.backend, decap=args.decap, bridge=args.bridge, pin_dir=args.pin_dir,
+        backend=args.backend, decap=args.decap, compile_timeout=args.compile_timeout, bridge=args.bridge, pin_dir=args.pin_dir,
         cleanup_on_exit=args.cleanup_on_exit, reconcile_interval=args.reconcile_interval,
         lease_ttl=args.subnet_lease_ttl, renew_margin=renew_margin_seconds(args),
         ip_masq=bool(args.ip_masq), iptables_forward_rules=bool(args.iptables_forward_rules),

@@ -34,7 +34,7 @@ from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader.bpf import attach
 from flannel_bpf.loader.bpf.layout import PeerMode
 from flannel_bpf.loader.bpf.maps import EndpointEntry, NodeConfig, PeerEntry
-from flannel_bpf.loader.bpf.program import load_programs_in_child
+from flannel_bpf.loader.bpf.program import CHILD_TIMEOUT, load_programs_in_child
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_VNI
 from flannel_bpf.loader.netlink.headroom import HEADROOM_PORT, HeadroomError, ensure_headroom_port, remove_headroom_port
 from flannel_bpf.loader.netlink.host_gw import KernelHostGwBackend
@@ -243,11 +243,12 @@ class BpfBackend(VxlanBackend):
     name = "bpf"
 
     def __init__(self, config: BackendConfig, uplink: Uplink, *, bridge: str = DEFAULT_BRIDGE,
-                 pin_dir: str | None = None, xdp_mode: str = "auto"):
+                 pin_dir: str | None = None, xdp_mode: str = "auto", compile_timeout: float = CHILD_TIMEOUT):
         super().__init__(config, uplink)
         self.bridge = bridge
         self.pin_dir = str(pin_dir or attach.default_pin_dir(uplink.name))
         self.xdp_mode = xdp_mode
+        self.compile_timeout = compile_timeout
         self.programs = None
         self.maps = None
         self.decap_hook, self.decap_reason = "tc", ""
@@ -299,7 +300,7 @@ class BpfBackend(VxlanBackend):
         child process: bcc's clang and LLVM would stay in this one (~150 MiB)."""
         if self.programs is None:
             # Reuses the pinned maps: state survives restarts.
-            self.programs = load_programs_in_child(self.pin_dir)
+            self.programs = load_programs_in_child(self.pin_dir, timeout=self.compile_timeout)
             self.maps = self.programs.maps
 
     def _attach(self, program: str, dev: str | int, direction: str, label: str = "") -> None:

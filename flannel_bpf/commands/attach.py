@@ -16,7 +16,7 @@ from flannel_bpf.controller.registry import EtcdError, SubnetRegistry
 from flannel_bpf.controller.subnet_env import SubnetEnvError
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, OutOfSubnets, SubnetAcquireError
 from flannel_bpf.controller.uplink import UplinkError, select_uplink
-from flannel_bpf.loader.bpf.program import LoadError
+from flannel_bpf.loader.bpf.program import CHILD_TIMEOUT, LoadError
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE
 from flannel_bpf.usage import UsageError
 
@@ -31,6 +31,9 @@ def add_agent_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decap", choices=("auto", "xdp", "tc"),
                         help="where VXLAN is decapsulated (default: Backend.Decap, else auto: tc on "
                              "veth uplinks, XDP elsewhere)")
+    parser.add_argument("--compile-timeout", type=float, default=CHILD_TIMEOUT, metavar="SECONDS",
+                        help="time bcc may take to compile the bpf programs at start (default %(default)g; "
+                             "minutes on an emulated VM)")
     parser.add_argument("--bridge", default=DEFAULT_BRIDGE,
                         help="the pod bridge whose traffic to forward (default %(default)s)")
     parser.add_argument("--pin-dir", help="bpffs directory of the pinned maps and programs "

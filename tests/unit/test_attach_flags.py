@@ -16,6 +16,11 @@ def test_defaults_are_flanneld_s():
     assert options.backend is None and options.cleanup_on_exit is False
 
 
+def test_the_compile_timeout_is_two_minutes_unless_raised():
+    assert options_from_args(parse()).compile_timeout == 120
+    assert options_from_args(parse("--compile-timeout", "1200")).compile_timeout == 1200
+
+
 def test_backend_and_decap_override_the_config():
     options = options_from_args(parse("--backend", "bpf", "--decap", "xdp", "--cleanup-on-exit"))
     assert (options.backend, options.decap, options.cleanup_on_exit) == ("bpf", "xdp", True)
@@ -25,6 +30,7 @@ def test_backend_and_decap_override_the_config():
     (("--subnet-lease-ttl", "60"), "must be shorter than the lease TTL (60 s)"),
     (("--subnet-lease-ttl", "600", "--subnet-lease-renew-margin", "10"), "(600 s) must be shorter"),
     (("--reconcile-interval", "0"), "--reconcile-interval must be positive"),
+    (("--compile-timeout", "0"), "--compile-timeout must be positive"),
 ])
 def test_flags_that_do_not_go_together_are_named(argv, message):
     with pytest.raises(FlagError, match=None) as err:
