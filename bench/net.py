@@ -22,6 +22,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from flannel_bpf.bench.common import median, metric
 from flannel_bpf.lab.orchestrator import LabSpec, down, up
@@ -56,12 +57,56 @@ SOCKPERF_PORT = 11111
 CLIENT_CPU, SERVER_CPU = 0, 1
 
 
+class Shell(Protocol):
+    """Where a benchmark command runs: this machine's namespaces, or a VM (bench/vms.py).
+    `netns` None is the machine's own network namespace."""
+    slack: float  # seconds a bounded command may take beyond its traffic (start-up, teardown)
+
+    def run(self, netns: str | None, argv: list[str], timeout: float) -> subprocess.CompletedProcess: ...
+    def start(self, netns: str | None, argv: list[str]) -> None: ...
+    def busy_cpu_seconds(self) -> float: ...
+
+
+def busy_seconds(stat_line: str, clock_ticks: int) -> float:
+    """All CPUs' non-idle time (user+nice+system+irq+softirq+steal) from /proc/stat's cpu line."""
+    fields = [int(v) for v in stat_line.split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / clock_ticks
+
+
+class LocalShell:
+    """The netns lab: commands run in this machine's namespaces; servers die with the lab."""
+    slack = 20.0
+
+    def run(self, netns: str | None, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        return run_in_netns(netns, argv, check=False, timeout=timeout)
+
+    def start(self, netns: str | None, argv: list[str]) -> None:
+        popen_in_netns(netns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def busy_cpu_seconds(self) -> float:
+        with open("/proc/stat") as stat:
+            return busy_seconds(stat.readline(), os.sysconf("SC_CLK_TCK"))
+
+
+LOCAL = LocalShell()
+
+
 @dataclass
 class Endpoints:
-    """Where a path's traffic starts and ends: two namespaces and the server's address."""
-    client_ns: str
-    server_ns: str
+    """Where a path's traffic starts and ends: two namespaces (on one or two machines), the
+    server's address, and the CPUs client and server are pinned to."""
+    client_ns: str | None
+    server_ns: str | None
     server_ip: str
+    client: Shell = LOCAL
+    server: Shell = LOCAL
+    client_cpu: int = CLIENT_CPU
+    server_cpu: int = SERVER_CPU
+
+    def busy_cpu_seconds(self) -> float:
+        """Busy time of every machine the traffic crosses (one kernel in the netns lab)."""
+        shells = [self.client] if self.server is self.client else [self.client, self.server]
+        return sum(shell.busy_cpu_seconds() for shell in shells)
 
 
 def endpoints(path: Path, labs: dict[str, Lab]) -> Endpoints:
@@ -74,33 +119,25 @@ def endpoints(path: Path, labs: dict[str, Lab]) -> Endpoints:
 
 
 def start_servers(ep: Endpoints) -> None:
-    """iperf3 and sockperf servers, pinned; they die with the lab's namespaces."""
-    for argv in (["taskset", "-c", str(SERVER_CPU), "iperf3", "-s", "-p", str(IPERF_PORT)],
-                 ["taskset", "-c", str(SERVER_CPU), "sockperf", "server", "-i", ep.server_ip,
+    """iperf3 and sockperf servers, pinned; bounded by whoever owns the server's namespace."""
+    for argv in (["taskset", "-c", str(ep.server_cpu), "iperf3", "-s", "-p", str(IPERF_PORT)],
+                 ["taskset", "-c", str(ep.server_cpu), "sockperf", "server", "-i", ep.server_ip,
                   "-p", str(SOCKPERF_PORT)]):
-        popen_in_netns(ep.server_ns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       start_new_session=True)
-    deadline = time.monotonic() + 10
+        ep.server.start(ep.server_ns, argv)
+    deadline = time.monotonic() + 10 + ep.client.slack
     while time.monotonic() < deadline:  # the servers are up when the port answers
-        done = run_in_netns(ep.client_ns, ["iperf3", "-c", ep.server_ip, "-p", str(IPERF_PORT), "-n", "1K"],
-                            check=False, timeout=5)
+        done = ep.client.run(ep.client_ns, ["iperf3", "-c", ep.server_ip, "-p", str(IPERF_PORT), "-n", "1K"],
+                             timeout=5 + ep.client.slack)
         if done.returncode == 0:
             return
         time.sleep(0.3)
-    raise RuntimeError(f"iperf3 server in {ep.server_ns} did not answer")
-
-
-def busy_cpu_seconds() -> float:
-    """All CPUs' non-idle time so far (user+nice+system+irq+softirq+steal), in seconds."""
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    raise RuntimeError(f"iperf3 server in {ep.server_ns or 'the root namespace'} did not answer")
 
 
 def iperf(ep: Endpoints, seconds: float, *extra: str) -> dict:
     argv = ["iperf3", "-c", ep.server_ip, "-p", str(IPERF_PORT), "-t", str(max(1, round(seconds))), "-J",
-            "-A", f"{CLIENT_CPU},{SERVER_CPU}", *extra]
-    done = run_in_netns(ep.client_ns, argv, check=False, timeout=seconds + 20)
+            "-A", f"{ep.client_cpu},{ep.server_cpu}", *extra]
+    done = ep.client.run(ep.client_ns, argv, timeout=seconds + ep.client.slack)
     try:
         result = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -116,9 +153,9 @@ _PERCENTILE = re.compile(r"percentile\s+(\d+\.\d+)\s*=\s*([\d.]+)")
 def measure(kind: str, ep: Endpoints, seconds: float) -> dict:
     """One measurement; returns {name: value} (several figures for some kinds)."""
     if kind == "tcp1":
-        before = busy_cpu_seconds()
+        before = ep.busy_cpu_seconds()
         end = iperf(ep, seconds)
-        cpu = busy_cpu_seconds() - before
+        cpu = ep.busy_cpu_seconds() - before
         moved = end["sum_received"]["bytes"]
         return {"tcp1_gbps": end["sum_received"]["bits_per_second"] / 1e9,
                 "cpu_s_per_gb": cpu / (moved / 1e9) if moved else None}
@@ -128,14 +165,28 @@ def measure(kind: str, ep: Endpoints, seconds: float) -> dict:
         total = iperf(ep, seconds, "-u", "-l", "64", "-b", "0")["sum"]
         return {"udp64_kpps": (total["packets"] - total["lost_packets"]) / total["seconds"] / 1e3}
     if kind == "rr":
-        argv = ["taskset", "-c", str(CLIENT_CPU), "sockperf", "ping-pong", "-i", ep.server_ip,
+        argv = ["taskset", "-c", str(ep.client_cpu), "sockperf", "ping-pong", "-i", ep.server_ip,
                 "-p", str(SOCKPERF_PORT), "-t", f"{max(1, round(seconds))}", "--full-rtt"]
-        done = run_in_netns(ep.client_ns, argv, check=False, timeout=seconds + 20)
+        done = ep.client.run(ep.client_ns, argv, timeout=seconds + ep.client.slack)
         percentiles = {float(p): float(v) for p, v in _PERCENTILE.findall(done.stdout + done.stderr)}
         if 50.0 not in percentiles:
             raise RuntimeError(f"sockperf gave no percentiles: {done.stderr.strip()[-200:]}")
         return {"rr_p50_us": percentiles[50.0], "rr_p99_us": percentiles.get(99.0)}
     raise ValueError(kind)
+
+
+def measure_into(samples: dict[str, dict[str, list[float]]], path: str, kind: str, ep: Endpoints,
+                 seconds: float) -> None:
+    """One measurement of `path`, its figures appended to `samples` (a failure is a warning
+    and a missing sample, never the end of the run)."""
+    try:
+        figures = measure(kind, ep, seconds)
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        log.warning("%s %s: %s", path, kind, err)
+        figures = {}
+    for name, value in figures.items():
+        if value is not None:
+            samples.setdefault(path, {}).setdefault(name, []).append(value)
 
 
 def run(rounds: int = 3, seconds: float = 3.0, paths: tuple[Path, ...] = PATHS,
@@ -165,14 +216,7 @@ def run(rounds: int = 3, seconds: float = 3.0, paths: tuple[Path, ...] = PATHS,
         for _ in range(rounds):
             for kind in MEASUREMENTS:
                 for path in measured:
-                    try:
-                        figures = measure(kind, eps[path.name], seconds)
-                    except (RuntimeError, subprocess.TimeoutExpired) as err:
-                        log.warning("%s %s: %s", path.name, kind, err)
-                        figures = {}
-                    for name, value in figures.items():
-                        if value is not None:
-                            samples[path.name].setdefault(name, []).append(value)
+                    measure_into(samples, path.name, kind, eps[path.name], seconds)
                     if progress:
                         progress.advance("measuring")
     finally:
@@ -195,7 +239,7 @@ TARGETS = (
 )
 
 
-def summarize(samples: dict[str, dict[str, list[float]]]) -> list[dict]:
+def summarize(samples: dict[str, dict[str, list[float]]], targets=TARGETS) -> list[dict]:
     medians = {path: {name: median(values) for name, values in figures.items() if values}
                for path, figures in samples.items()}
     results = []
@@ -207,7 +251,7 @@ def summarize(samples: dict[str, dict[str, list[float]]]) -> list[dict]:
                                   samples=len(samples[path][name]),
                                   rounds=[round(v, 3) for v in samples[path][name]], **ratios))
     for bpf in (p for p in medians if p.startswith("bpf")):
-        for name, ref, comparator, bound in TARGETS:
+        for name, ref, comparator, bound in targets:
             ours, theirs = medians[bpf].get(name), medians.get(ref, {}).get(name)
             ratio = round(ours / theirs, 3) if ours and theirs else None
             results.append(metric(f"net.{bpf}.{name}.vs_{ref}", ratio, "ratio", target=(comparator, bound)))

@@ -53,7 +53,7 @@ def run(parts: tuple[str, ...] = PARTS, *, rounds: int = 3, seconds: float = 5.0
     return results, params
 
 
-def net_table(results: list[dict], console=None) -> None:
+def net_table(results: list[dict], console=None, title: str = "pod to pod") -> None:
     """The network figures side by side, each path a row, with ratios to kernel vxlan."""
     by_path: dict[str, dict[str, dict]] = {}
     for record in results:
@@ -62,7 +62,7 @@ def net_table(results: list[dict], console=None) -> None:
             by_path.setdefault(parts[1], {})[parts[2]] = record
     if not by_path:
         return
-    table = Table(title="pod to pod, medians (x: ratio to kernel vxlan in the same run)", title_justify="left")
+    table = Table(title=f"{title}, medians (x: ratio to kernel vxlan in the same run)", title_justify="left")
     table.add_column("path")
     for _, label in NET_FIGURES:
         table.add_column(label, justify="right")
@@ -79,7 +79,7 @@ def net_table(results: list[dict], console=None) -> None:
     (console or make_console()).print(table)
 
 
-def chart(results: list[dict], path: Path) -> Path | None:
+def chart(results: list[dict], path: Path, title: str = "flannel-bpf lab bench: pod to pod") -> Path | None:
     """Bar chart of the network figures, each normalised to kernel vxlan (1.0)."""
     try:
         import matplotlib
@@ -105,7 +105,7 @@ def chart(results: list[dict], path: Path) -> Path | None:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + width * (len(ratios) - 1) / 2 for j in range(len(names))], labels)
     ax.set_ylabel("ratio to kernel vxlan (same run)")
-    ax.set_title("flannel-bpf lab bench: pod to pod (higher is better for rates, lower for latency and CPU)")
+    ax.set_title(f"{title}\n(higher is better for rates, lower for latency and CPU)")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,14 +114,24 @@ def chart(results: list[dict], path: Path) -> Path | None:
     return path
 
 
-def report(results: list[dict], params: dict, out: Path = RESULTS_DIR, console=None) -> tuple[Path, Path | None]:
+def report(results: list[dict], params: dict, out: Path = RESULTS_DIR, console=None, *,
+           benchmark: str = "bench", title: str = "pod to pod", notice: str = "") -> tuple[Path, Path | None]:
+    """Print the tables, write the JSON and the chart: one report for the netns and the VM
+    bench. `notice` (e.g. "these figures are not performance") is shown above and below the
+    tables, kept in the JSON's params and written on the chart."""
     console = console or make_console()
-    net_table(results, console)
-    print_table(results, "flannel-bpf lab bench: every figure", console)
-    json_path = write_json("bench", results, params, out)
-    png_path = chart(results, json_path.with_suffix(".png"))
+    if notice:
+        params = {**params, "notice": notice}
+        console.print(f"[bold red]{notice}[/]", soft_wrap=True)
+    net_table(results, console, title)
+    print_table(results, f"flannel-bpf {benchmark}: every figure", console)
+    json_path = write_json(benchmark, results, params, out)
+    png_path = chart(results, json_path.with_suffix(".png"),
+                     f"flannel-bpf {benchmark}: {title}" + (f"\n{notice}" if notice else ""))
     missed = [r["metric"] for r in results if r.get("ok") is False]
     if missed:
         console.print(f"[yellow]targets missed ({len(missed)}): {', '.join(missed)}[/]")
+    if notice:
+        console.print(f"[bold red]{notice}[/]", soft_wrap=True)
     console.print(f"results: {json_path}" + (f", chart: {png_path}" if png_path else ""))
     return json_path, png_path
