@@ -2,6 +2,7 @@
 
     python -m flannel_bpf.lab.node pods  [--count 2] [--subnet-file /run/flannel/subnet.env]
     python -m flannel_bpf.lab.node check --iface eth1 [--count 2] [--expect-peers N]
+    python -m flannel_bpf.lab.node nic   --iface eth1
 
 `pods` does what the CNI bridge plugin does with flannel's subnet.env, with the netns lab's
 helpers: bridge cni0 holding FLANNEL_SUBNET's first address, and pod J as network namespace
@@ -13,11 +14,18 @@ assumed to run the same number of pods) from every local pod, and reads the stat
 where decapsulation happened: the uplink's XDP attach mode and the counters' growth. It prints
 one JSON document and exits 0 only when every ping got every reply, XDP ran in native mode and
 decapsulated the replies.
+
+`nic` says, as the kernel sees it, what XDP runs with: the NIC's driver (ethtool -i), its queue
+pairs (ethtool -l) against the vCPUs, the XDP attach mode (ip -d link), the uplink's address
+and the virtualization (systemd-detect-virt). virtio_net gives XDP one transmit queue per CPU
+beside the queues in use; with fewer, XDP_TX and XDP_REDIRECT share queues under a lock.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -139,10 +147,57 @@ def check(iface: str, count: int, expect_peers: int | None = None,
             "ok": not problems, "problems": problems}
 
 
+# `ip link` flags the attach mode of an XDP program with one of these words.
+XDP_MODE_WORDS = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload", "xdpmulti": "multi"}
+_XDP_PROG = re.compile(r"prog/xdp\S* id (\d+)(?: name (\S+))?")
+_COMBINED = re.compile(r"^Combined:\s+(\d+)", re.MULTILINE)
+
+
+def parse_xdp(ip_link_details: str) -> tuple[str | None, str | None]:
+    """(attach mode, "name id N") of the XDP program in `ip -d link show dev X`'s output."""
+    words = ip_link_details.split("\n", 1)[0].split()
+    mode = next((XDP_MODE_WORDS[w] for w in words if w in XDP_MODE_WORDS), None)
+    prog = _XDP_PROG.search(ip_link_details)
+    return mode, (f"{prog.group(2) or 'prog'} id {prog.group(1)}" if prog else None)
+
+
+def parse_channels(ethtool_l: str) -> tuple[int | None, int | None]:
+    """(maximum, in use) combined queue pairs from `ethtool -l`."""
+    combined = [int(n) for n in _COMBINED.findall(ethtool_l)]
+    return (combined[0], combined[1]) if len(combined) == 2 else (None, None)
+
+
+def _command(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def nic_report(iface: str) -> dict:
+    info = dict(line.split(": ", 1) for line in _command(["ethtool", "-i", iface]).splitlines() if ": " in line)
+    queues_max, queues_in_use = parse_channels(_command(["ethtool", "-l", iface]))
+    mode, prog = parse_xdp(_command(["ip", "-d", "link", "show", "dev", iface]))
+    addresses = json.loads(_command(["ip", "-4", "-j", "addr", "show", "dev", iface]) or "[]")
+    vcpus = os.cpu_count() or 1
+    if info.get("driver") != "virtio_net" or queues_max is None:
+        tx = "n/a"
+    elif queues_in_use + vcpus <= queues_max:
+        tx = "on their own queues"
+    else:
+        tx = "on shared queues (locked mode)"
+    return {"iface": iface, "driver": info.get("driver"), "driver_version": info.get("version"),
+            "bus_info": info.get("bus-info"), "vcpus": vcpus, "queues_max": queues_max,
+            "queues_in_use": queues_in_use, "xdp_tx_queues": tx, "xdp_mode": mode, "xdp_prog": prog,
+            "address": next((a["local"] for link in addresses for a in link.get("addr_info", [])), None),
+            "virtualization": _command(["systemd-detect-virt"]).strip() or "none"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flannel_bpf.lab.node", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("nic").add_argument("--iface", required=True, help="the uplink")
     for name in ("pods", "check"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--count", type=int, default=2, help="pods per node (default 2)")
@@ -152,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["check"].add_argument("--expect-peers", type=int, help="fail unless this many peers")
     args = parser.parse_args(argv)
     try:
+        if args.command == "nic":
+            print(json.dumps(nic_report(args.iface)))
+            return 0
         if args.command == "pods":
             print(json.dumps(ensure_pods(args.count, args.subnet_file, prefix=args.prefix)))
             return 0

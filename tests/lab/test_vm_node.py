@@ -90,3 +90,49 @@ def test_pod_addresses():
             pod_addresses(IPv4Network("10.244.3.0/24"), bad)
     with pytest.raises(NodeError, match="1..5 for 10.244.3.0/29"):
         pod_addresses(IPv4Network("10.244.3.0/29"), 6)
+
+
+@pytest.mark.parametrize("mode", ["native", "generic"])
+def test_nic_reports_the_xdp_mode_driver_and_address_the_kernel_shows(vm, mode):
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    from flannel_bpf.loader.bpf.attach import attach_xdp
+    from flannel_bpf.loader.netns import in_netns
+
+    host, _, _ = vm
+    with in_netns(host), IPRoute() as ipr:
+        ipr.link("add", ifname="eth1", kind="veth", peer="eth1-peer")
+        for name in ("eth1", "eth1-peer"):
+            ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+        ipr.addr("add", index=ipr.link_lookup(ifname="eth1")[0], address="198.18.2.11", prefixlen=24)
+    before = json.loads(node_command(host, "nic", "--iface", "eth1").stdout)
+    assert before["driver"] == "veth" and before["address"] == "198.18.2.11"
+    assert before["xdp_mode"] is None and before["xdp_prog"] is None
+    assert before["xdp_tx_queues"] == "n/a"  # the queue arithmetic is virtio_net's
+
+    bpf = BPF(text=b"int xdp_pass_all(struct xdp_md *ctx) { return XDP_PASS; }")
+    try:
+        with in_netns(host):
+            attach_xdp("eth1", bpf.load_func(b"xdp_pass_all", BPF.XDP).fd, mode)
+        after = node_command(host, "nic", "--iface", "eth1")
+    finally:
+        bpf.cleanup()
+    report = json.loads(after.stdout)
+    assert report["xdp_mode"] == mode
+    assert report["xdp_prog"].startswith("xdp_pass_all id ")
+
+
+def test_xdp_and_queue_parsing():
+    from flannel_bpf.lab.node import parse_channels, parse_xdp
+
+    native = ("3: eth1: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 xdp qdisc mq state UP mode DEFAULT\n"
+              "    link/ether 52:54:00:aa:bb:cc brd ff:ff:ff:ff:ff:ff promiscuity 0\n"
+              "    prog/xdp id 42 name xdp_decap tag 0123456789abcdef jited\n")
+    assert parse_xdp(native) == ("native", "xdp_decap id 42")
+    assert parse_xdp(native.replace(" xdp ", " xdpgeneric ")) == ("generic", "xdp_decap id 42")
+    assert parse_xdp("3: eth1: <UP> mtu 1500 qdisc mq state UP\n") == (None, None)
+    channels = ("Channel parameters for eth1:\nPre-set maximums:\nRX:\t\tn/a\nTX:\t\tn/a\nOther:\t\tn/a\n"
+                "Combined:\t2\nCurrent hardware settings:\nRX:\t\tn/a\nTX:\t\tn/a\nOther:\t\tn/a\nCombined:\t1\n")
+    assert parse_channels(channels) == (2, 1)
+    assert parse_channels("netlink error: Operation not supported") == (None, None)
