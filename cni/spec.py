@@ -21,7 +21,6 @@ INVALID_ENVIRONMENT = 4
 IO_FAILURE = 5
 DECODING_FAILURE = 6
 INVALID_CONFIG = 7
-TRY_AGAIN_LATER = 11
 PLUGIN_NOT_AVAILABLE = 50
 # Ours (100 and up are the plugin's)
 CHECK_FAILED = 100
@@ -50,7 +49,6 @@ class Invocation:
     container_id: str
     netns: str
     ifname: str
-    args: str
     path: tuple[str, ...]
     config: dict
 
@@ -89,7 +87,7 @@ def read_invocation(environ: dict, stdin_text: str) -> Invocation:
     if ifname and (len(ifname) > 15 or "/" in ifname or ifname in (".", "..") or any(c.isspace() for c in ifname)):
         raise CniError(INVALID_ENVIRONMENT, f"CNI_IFNAME {ifname!r} is not a valid interface name")
     return Invocation(command=command, container_id=environ.get("CNI_CONTAINERID", ""),
-                      netns=environ.get("CNI_NETNS", ""), ifname=ifname, args=environ.get("CNI_ARGS", ""),
+                      netns=environ.get("CNI_NETNS", ""), ifname=ifname,
                       path=tuple(p for p in environ.get("CNI_PATH", "").split(os.pathsep) if p),
                       config=config)
 
