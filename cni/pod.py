@@ -25,6 +25,7 @@ from flannel_bpf.loader.netns import NetnsNotFound, in_netns_path, write_sysctl
 POD_DEVICES = ("netkit", "veth")
 NUD_PERMANENT = 0x80
 NO_MAC = "00:00:00:00:00:00"
+ENCAP_HEADROOM = 64  # what a vxlan device asks for: VXLAN_OVERHEAD rounded up
 
 
 def host_ifname(device: str, container_id: str, ifname: str) -> str:
@@ -68,7 +69,9 @@ def create(device: str, netns: str, container_id: str, ifname: str, ip: IPv4Addr
         with IPRoute() as ipr:
             try:
                 if device == "netkit":
-                    add_netkit_pair(ipr, host, ifname, peer_netns_fd=fd, mtu=mtu)
+                    # room for the VXLAN headers in front of every packet the pod sends, as the
+                    # bridge gives its ports (kernels without IFLA_NETKIT_HEADROOM ignore it)
+                    add_netkit_pair(ipr, host, ifname, peer_netns_fd=fd, mtu=mtu, headroom=ENCAP_HEADROOM)
                 else:
                     ipr.link("add", ifname=host, kind="veth", mtu=mtu,
                              peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu})

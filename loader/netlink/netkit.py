@@ -74,8 +74,9 @@ def add_netkit_pair(ipr: IPRoute, primary: str, peer: str, *, peer_netns_fd: int
                     mtu: int | None = None, mode: int = NETKIT_L3, headroom: int | None = None) -> NetkitPair:
     """Make a netkit pair: `primary` in the namespace of `ipr`, `peer` in the namespace of
     `peer_netns_fd` (the same one when None). Both ends are left down. `headroom` asks the
-    kernel to reserve that many bytes in front of every packet the pod sends (kernels
-    without IFLA_NETKIT_HEADROOM refuse it: pass None there)."""
+    kernel to reserve that many bytes in front of every packet the pod sends (kernels older
+    than IFLA_NETKIT_HEADROOM ignore the attribute: netlink's lenient parse skips types
+    beyond the kind's maximum)."""
     peer_attrs = [("IFLA_IFNAME", peer)]
     if peer_netns_fd is not None:
         peer_attrs.append(("IFLA_NET_NS_FD", peer_netns_fd))
