@@ -630,7 +630,8 @@ def describe(lab: Lab, probe: bool = True) -> dict:
                       "pod_bridge": h.pod_bridge, "pod_gateway": h.pod_gateway,
                       "agent": agent,
                       "pods": [{"netns": p.netns, "address": p.address, "gateway": p.gateway,
-                                "mtu": p.mtu, "ifname": p.ifname} for p in h.pods]})
+                                "mtu": p.mtu, "ifname": p.ifname, "device": p.device,
+                                "host_device": p.host_veth} for p in h.pods]})
     etcd = None
     if st.etcd is not None:
         etcd = {"endpoints": st.etcd.endpoints, "prefix": st.etcd.prefix, "netns": st.underlay_netns,

@@ -83,6 +83,17 @@ def test_check_names_what_is_wrong(node):
         assert node.call("DEL", conf, netns=pod)[0] == 0
 
 
+def test_check_without_a_previous_result_is_refused(node):
+    pod = node.new_pod()
+    conf = node.config("veth")
+    assert node.call("ADD", conf, netns=pod)[0] == 0
+    try:
+        status, out, _ = node.call("CHECK", conf, netns=pod)
+        assert_error(status, out, 7, "prevResult")
+    finally:
+        assert node.call("DEL", conf, netns=pod)[0] == 0
+
+
 def test_netkit_pod_or_a_clean_refusal(node):
     """On a kernel without netkit: one spec-shaped error naming CONFIG_NETKIT, the address
     back in host-local's pool, no device on either side. With netkit: a pod like the veth one."""

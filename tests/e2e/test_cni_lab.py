@@ -12,7 +12,7 @@ from flannel_bpf.lab.cni_pods import call_cni, cni_config
 from flannel_bpf.lab.run import ping, run_in_netns
 from flannel_bpf.loader.bpf.maps import DataPlaneMaps
 
-from e2e_lab import assert_lab_gone, counters, lab_name, root_snapshot
+from e2e_lab import assert_lab_gone, cli, counters, lab_name, root_snapshot
 
 BACKENDS = ("bpf", "bpf", "vxlan")
 
@@ -38,6 +38,8 @@ def routed(lab):
 
 def test_every_pod_reaches_every_other(lab):
     assert {p.device for h in lab.hosts for p in h.pods} == {"veth", "routed-veth"}
+    shown = json.loads(cli("lab", "status", "--name", lab.name, "--json").stdout)
+    assert {p["device"] for h in shown["hosts"] for p in h["pods"]} == {"veth", "routed-veth"}
     matrix = orch.ping_matrix(lab, count=2)
     assert len(matrix.results) == 6 * 5
     assert [(s.netns, d.netns) for s, d, _ in matrix.failures] == []
