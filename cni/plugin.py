@@ -31,8 +31,8 @@ from flannel_bpf.loader.bpf.maps import DataPlaneMaps, EndpointEntry
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
 
 # Ours, and what runtimes add to every configuration they pass.
-KNOWN_FIELDS = {"cniVersion", "name", "type", "podDevice", "bridge", "subnetFile", "dataDir", "rangeStart", "rangeEnd",
-                "bpfPinDir", "prevResult", "runtimeConfig", "args", "capabilities"}
+KNOWN_FIELDS = {"cniVersion", "name", "type", "podDevice", "bridge", "subnetFile", "dataDir", "rangeStart",
+                "rangeEnd", "bpfPinDir", "prevResult", "runtimeConfig", "args", "capabilities"}
 
 
 def node_subnet(inv: Invocation) -> tuple[IPv4Interface, int]:
@@ -49,12 +49,13 @@ def node_subnet(inv: Invocation) -> tuple[IPv4Interface, int]:
 
 
 def pod_device(inv: Invocation) -> str:
-    device = inv.config.get("podDevice", "netkit")
-    if device not in pod.POD_DEVICES:
-        raise CniError(INVALID_CONFIG, f"podDevice {device!r}: expected {' or '.join(pod.POD_DEVICES)}")
+    """The configuration's podDevice, once every field of it is one this plugin knows."""
     unknown = sorted(set(inv.config) - KNOWN_FIELDS)
     if unknown:
         raise CniError(UNSUPPORTED_FIELD, f"unknown field {unknown[0]!r} in the network configuration")
+    device = inv.config.get("podDevice", "netkit")
+    if device not in pod.POD_DEVICES:
+        raise CniError(INVALID_CONFIG, f"podDevice {device!r}: expected {' or '.join(pod.POD_DEVICES)}")
     return device
 
 

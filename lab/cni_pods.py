@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flannel_bpf.lab.netns import remove_netns
 from flannel_bpf.lab.run import run_in_netns
-from flannel_bpf.lab.topology import POD_IFNAME, LabError, Pod, new_namespace, pod_netns_name
+from flannel_bpf.lab.topology import POD_IFNAME, Lab, LabError, Pod, new_namespace, pod_netns_name
 from flannel_bpf.loader.netns import netns_path
 
 CNI_PLUGIN = str(Path(sys.executable).with_name("flannel-bpf-cni"))
@@ -48,8 +48,9 @@ def call_cni(host_netns: str, command: str, config: dict, container_id: str, pod
     return out
 
 
-def add_cni_pod(lab, host_index: int, index: int, device: str, address: IPv4Interface, mtu: int,
+def add_cni_pod(lab: Lab, host_index: int, index: int, device: str, address: IPv4Interface, mtu: int,
                 subnet_file: str, data_dir: Path, pin_dir: str | None) -> Pod:
+    """Pod `index` of host `host_index`, made by the plugin, holding `address` (its index's)."""
     host = lab.host(host_index)
     netns = pod_netns_name(lab.name, host_index, index)
     new_namespace(netns, forwarding=False)
