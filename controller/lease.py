@@ -188,14 +188,20 @@ def decode_lease(key: str | bytes, value: bytes | str, **bookkeeping) -> Lease:
     public_ipv6 = attrs.get("PublicIPv6")
     if public_ipv6 is not None and not isinstance(public_ipv6, str):
         raise LeaseFormatError("PublicIPv6 is neither null nor a string")
-    backend_type = attrs.get("BackendType", "")
+    return lease_from_fields(subnet, public_ip, attrs.get("BackendType", ""), attrs.get("BackendData"),
+                             public_ipv6=public_ipv6, **bookkeeping)
+
+
+def lease_from_fields(subnet: IPv4Network, public_ip: IPv4Address, backend_type, backend_data,
+                      **extra) -> Lease:
+    """A Lease from its decoded fields, wherever they were stored (etcd value, node
+    annotations). Raises LeaseFormatError naming what is wrong."""
     if not isinstance(backend_type, str):
         raise LeaseFormatError("BackendType is not a string")
-    backend_data = attrs.get("BackendData")
     if backend_type == "vxlan":
         backend_data = _check_vxlan_data(backend_data)
     return Lease(subnet=subnet, public_ip=public_ip, backend_type=backend_type, backend_data=backend_data,
-                 public_ipv6=public_ipv6, **bookkeeping)
+                 **extra)
 
 
 def _check_vxlan_data(data: Any) -> dict:

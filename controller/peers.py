@@ -7,11 +7,16 @@ unparseable. A renewal that only refreshes the TTL is not an event.
 """
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Literal, Protocol
 
 from flannel_bpf.controller.lease import Lease
+
+log = logging.getLogger(__name__)
 
 PeerEventKind = Literal["added", "changed", "removed"]
 
@@ -65,3 +70,33 @@ class PeerTable:
         events = [self.apply(subnet, None) for subnet in list(self._peers) if subnet not in leases]
         events += [self.apply(subnet, lease) for subnet, lease in leases.items()]
         return [event for event in events if event is not None]
+
+
+class PeerEventThread:
+    """Delivers peer events to a sink on one thread ("flannel-bpf-events"), in order; a failing
+    sink is logged and the stream goes on."""
+
+    def __init__(self, sink: PeerSink | None):
+        self.sink = sink
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="flannel-bpf-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, event: PeerEvent) -> None:
+        if self.sink is not None:
+            self._queue.put(event)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued, then end (also when called from the sink itself)."""
+        self._queue.put(None)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (event := self._queue.get()) is not None:
+            try:
+                self.sink.on_peer_event(event)
+            except Exception:  # a consumer bug must not stop the stream
+                log.exception("peer event consumer failed on %s", event.describe())
