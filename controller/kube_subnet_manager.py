@@ -13,18 +13,20 @@ There is nothing to renew: the podCIDR is the node's for its lifetime, as in fla
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Mapping
 
 import httpx2
 from lightkube import ApiError, Client, ConfigError as KubeConfigError, KubeConfig
+from lightkube.config.models import Cluster, User
 from lightkube.resources.core_v1 import Node, Pod
 
 from flannel_bpf.controller.config import NetworkConfig
@@ -64,19 +66,27 @@ def kube_config(api_url: str | None, kubeconfig: str | None) -> KubeConfig:
             config = KubeConfig.from_file(kubeconfig)
             if api_url:
                 single = config.get()
-                config = KubeConfig.from_one(cluster=replace(single.cluster, server=api_url), user=single.user,
-                                             namespace=single.context.namespace, fname=kubeconfig)
+                cluster = copy.copy(single.cluster)
+                cluster.server = api_url
+                config = KubeConfig.from_one(cluster=cluster, user=single.user, namespace=single.context.namespace,
+                                             fname=kubeconfig)
             return config
         if api_url:
-            return KubeConfig.from_server(api_url)
+            return server_config(api_url)
         return KubeConfig.from_service_account()
     except (KubeConfigError, KeyError, OSError, ValueError) as exc:
         where = kubeconfig or api_url or "the in-cluster service account"
         raise KubeError(f"no Kubernetes client config from {where}: {exc}") from None
 
 
-def kube_client(api_url: str | None, kubeconfig: str | None) -> Client:
-    return Client(kube_config(api_url, kubeconfig), timeout=httpx2.Timeout(10.0), field_manager="flannel-bpf")
+def server_config(api_url: str) -> KubeConfig:
+    """The API server at `api_url`, with no credentials."""
+    return KubeConfig.from_one(cluster=Cluster(server=api_url), user=User())
+
+
+def kube_client(config: KubeConfig) -> Client:
+    # trust_env=False: no proxy from the environment between a node and its API server.
+    return Client(config, timeout=httpx2.Timeout(10.0), field_manager="flannel-bpf", trust_env=False)
 
 
 def own_node_name(client: Client, environ: Mapping[str, str] | None = None) -> str:
@@ -204,9 +214,12 @@ class KubeSubnetManager:
         """Stop watching (events already queued are still delivered). The node's annotations
         stay, as flanneld leaves them: `release` has nothing to release."""
         self._stopping.set()
-        self.client.close()  # ends a watch blocked on the socket
+        self.client.close()
         if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join(timeout)
+            # A watch blocked on a quiet stream cannot be woken from here (the client library
+            # keeps the socket); it announces nothing more and ends with its next line or the
+            # server's timeout, on a daemon thread.
+            self._watcher.join(min(timeout, 0.5))
         self._events.stop(timeout)
 
     # -- our node ----------------------------------------------------------------------------
@@ -256,6 +269,8 @@ class KubeSubnetManager:
                     self._apply_listing(nodes)
                 for kind, obj in self.client.watch(Node, resource_version=version,
                                                    server_timeout=WATCH_SERVER_TIMEOUT):
+                    if self._stopping.is_set():
+                        return
                     outage = self._end_outage(outage)
                     backoff = self.backoff_initial
                     node = NodeView.of(obj)
@@ -358,6 +373,8 @@ class KubeSubnetManager:
         return None
 
     def _announce(self, event: PeerEvent) -> None:
+        if self._stopping.is_set():
+            return
         log.info("%s", event.describe())
         self._events.put(event)
 
