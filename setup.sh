@@ -63,5 +63,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 else
   say "Python packages present"
 fi
-.venv/bin/python -c 'import bcc, etcd3, pyroute2, rich' || { echo "setup: imports failed" >&2; exit 1; }
+.venv/bin/python -c 'import bcc, etcd3, lightkube, pyroute2, rich' || { echo "setup: imports failed" >&2; exit 1; }
 say "ready"

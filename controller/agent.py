@@ -26,14 +26,14 @@ from flannel_bpf.controller.backends import BACKENDS, pod_ports
 from flannel_bpf.controller.coalesce import CoalescingWorker
 from flannel_bpf.controller.config import NetworkConfig
 from flannel_bpf.controller.config_change import check_config_change
-from flannel_bpf.controller.flags import FlagError, load_network_config, renew_margin_seconds
+from flannel_bpf.controller.control_plane import ControlPlane, ManagerSettings, SubnetManager
+from flannel_bpf.controller.flags import FlagError, renew_margin_seconds
 from flannel_bpf.controller.health import HealthServer
 from flannel_bpf.controller.iptables import DEFAULT_RESYNC, RuleKeeper, forward_rules, masq_rules
 from flannel_bpf.controller.lease import Lease, node_lease_attrs
 from flannel_bpf.controller.netlink_waker import NetlinkWaker
 from flannel_bpf.controller.peers import PeerEvent
-from flannel_bpf.controller.registry import SubnetRegistry
-from flannel_bpf.controller.subnet_manager import SUBNET_TTL, SubnetManager
+from flannel_bpf.controller.subnet_manager import SUBNET_TTL
 from flannel_bpf.controller.uplink import Uplink
 from flannel_bpf.loader.bpf.program import CHILD_TIMEOUT
 from flannel_bpf.loader.netdefs import DEFAULT_BRIDGE, DEFAULT_SUBNET_FILE
@@ -57,7 +57,6 @@ class AgentOptions:
     iptables_forward_rules: bool = True
     iptables_resync: float = DEFAULT_RESYNC
     subnet_file: str = DEFAULT_SUBNET_FILE
-    net_config_path: str | None = None
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
     accept_config_change: bool = False  # a config contradicting what this node runs is refused without it
@@ -66,8 +65,8 @@ class AgentOptions:
 
 
 class Agent:
-    def __init__(self, registry: SubnetRegistry, uplink: Uplink, options: AgentOptions):
-        self.registry = registry
+    def __init__(self, control: ControlPlane, uplink: Uplink, options: AgentOptions):
+        self.control = control  # etcd or Kubernetes: nothing below knows which
         self.uplink = uplink
         self.options = options
         self.config: NetworkConfig | None = None
@@ -117,11 +116,11 @@ class Agent:
         self.backend = backend_class(self.config.backend, self.uplink, **kwargs)
         vtep_mac = getattr(self.backend, "vtep_mac", None)
         attrs = node_lease_attrs(backend_type, self.uplink.public_ip, self.config.backend.vni, vtep_mac)
-        self.manager = SubnetManager(
-            self.registry, self.config, attrs, mtu=self.config.backend.pod_mtu(self.uplink.mtu),
-            ip_masq=self.options.ip_masq, subnet_file=self.options.subnet_file, sink=self,
-            on_lease_reacquired=self._lease_reacquired, holds_pods=self._pods_live, ttl=self.options.lease_ttl,
-            renew_margin=self.options.renew_margin, own_addresses={self.uplink.ip})
+        self.manager = self.control.subnet_manager(self.config, attrs, ManagerSettings(
+            mtu=self.config.backend.pod_mtu(self.uplink.mtu), subnet_file=self.options.subnet_file, sink=self,
+            on_lease_reacquired=self._lease_reacquired, holds_pods=self._pods_live, stop=self._stop, ip_masq=self.options.ip_masq,
+            ttl=self.options.lease_ttl, renew_margin=self.options.renew_margin,
+            own_addresses=frozenset({self.uplink.ip})))
         self.backend.prepare()
         lease = self.manager.start()
         log.info("lease %s acquired; subnet.env written to %s", lease.subnet, self.options.subnet_file)
@@ -137,7 +136,7 @@ class Agent:
         return lease
 
     def _load_config(self) -> NetworkConfig:
-        config = load_network_config(self.options.net_config_path, self.registry, self._stop)
+        config = self.control.network_config(self._stop)
         overrides = {}
         if self.options.backend:
             overrides["type"] = self.options.backend
@@ -290,6 +289,6 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         cleanup_on_exit=args.cleanup_on_exit, reconcile_interval=args.reconcile_interval,
         lease_ttl=args.subnet_lease_ttl, renew_margin=renew_margin_seconds(args),
         ip_masq=bool(args.ip_masq), iptables_forward_rules=bool(args.iptables_forward_rules),
-        iptables_resync=float(args.iptables_resync), subnet_file=args.subnet_file, net_config_path=args.net_config_path,
-        healthz_ip=args.healthz_ip, healthz_port=int(args.healthz_port),
-        accept_config_change=args.accept_config_change)
+from flannel_bpf.controller.config_change import check_config_change
+        iptables_resync=float(args.iptables_resync), subnet_file=args.subnet_file,
+        healthz_ip=args.healthz_ip, healthz_port=int(args.healthz_port))

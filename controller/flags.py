@@ -17,9 +17,11 @@ import os
 import re
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Callable, Mapping
 
 from flannel_bpf.controller.config import NetworkConfig, load_network_config_file
+from flannel_bpf.controller.kube_annotations import DEFAULT_ANNOTATION_PREFIX
 from flannel_bpf.controller.registry import DEFAULT_ENDPOINT, EtcdOptions, SubnetRegistry, parse_endpoint
 from flannel_bpf.loader.netdefs import DEFAULT_ETCD_PREFIX, DEFAULT_SUBNET_FILE
 
@@ -86,6 +88,13 @@ def _file_to_write(value: str) -> str:
     parent = next((p for p in path.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         _fail(f"{value}: {parent} is not a directory")
+    return value
+
+
+def _api_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        _fail(f"{value!r} is not a URL like https://10.0.0.1:6443")
     return value
 
 
@@ -209,6 +218,15 @@ _FLAGS = (
     ("--iptables-forward-rules", _bool, "true", False, "BOOL",
      "accept forwarding from and to the flannel network in iptables' FORWARD chain (chain FLANNEL-FWD)"),
     ("--iptables-resync", _resync, "5", False, "SECONDS", "re-check the iptables rules this often, restoring them"),
+    ("--kube-subnet-mgr", _bool, "false", False, "BOOL",
+     "use the Kubernetes API (node podCIDR and annotations) instead of etcd"),
+    ("--kube-api-url", _api_url, None, False, "URL",
+     "Kubernetes API server URL (default: the kubeconfig's server, else in-cluster)"),
+    ("--kubeconfig-file", _existing_file, None, False, "FILE", "kubeconfig file (default: in-cluster config)"),
+    ("--kube-annotation-prefix", _text, DEFAULT_ANNOTATION_PREFIX, False, "PREFIX",
+     "prefix of the node annotations that hold the lease"),
+    ("--set-node-network-unavailable", _bool, "true", False, "BOOL",
+     "set the node's NetworkUnavailable condition to False once the lease is published"),
     ("--healthz-ip", _ip, "0.0.0.0", False, "IP", "address for the /healthz and /readyz endpoints"),
     ("--healthz-port", _port, "0", False, "PORT", "port for /healthz and /readyz (0: no health server)"),
 )

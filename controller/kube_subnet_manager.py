@@ -29,7 +29,7 @@ from lightkube import ApiError, Client, ConfigError as KubeConfigError, KubeConf
 from lightkube.config.models import Cluster, User
 from lightkube.resources.core_v1 import Node, Pod
 
-from flannel_bpf.controller.config import NetworkConfig
+from flannel_bpf.controller.config import NetworkConfig, load_network_config_file
 from flannel_bpf.controller.kube_annotations import (AnnotationKeys, annotation_patch, is_flannel_node,
                                                      network_available_patch, node_lease, pod_cidr,
                                                      published_annotations)
@@ -382,3 +382,27 @@ class KubeSubnetManager:
 def _describe(exc: ApiError) -> str:
     status = exc.status
     return f"{status.code} {status.reason or ''}: {status.message or ''}".strip()
+
+
+class KubeControlPlane:
+    """flanneld's --kube-subnet-mgr: the config from net-conf.json, this node's lease from its
+    node object, the peers from the node watch."""
+
+    def __init__(self, client: Client, node_name: str, keys: AnnotationKeys,
+                 net_config_path: str = DEFAULT_KUBE_NET_CONFIG, set_network_unavailable: bool = True):
+        self.client = client
+        self.node_name = node_name
+        self.keys = keys
+        self.net_config_path = net_config_path
+        self.set_network_unavailable = set_network_unavailable
+
+    def network_config(self, stop: threading.Event) -> NetworkConfig:
+        return load_network_config_file(self.net_config_path)
+
+    def subnet_manager(self, config: NetworkConfig, attrs: LeaseAttrs, settings) -> KubeSubnetManager:
+        return KubeSubnetManager(self.client, self.node_name, config, attrs, self.keys, mtu=settings.mtu,
+                                 ip_masq=settings.ip_masq, subnet_file=settings.subnet_file, sink=settings.sink,
+                                 set_network_unavailable=self.set_network_unavailable, stop=settings.stop)
+
+    def close(self) -> None:
+        self.client.close()

@@ -69,7 +69,7 @@ def first_free_subnets(config: NetworkConfig, taken: Iterable[IPv4Network],
     return free
 
 
-class SubnetManager:
+class EtcdSubnetManager:
     """Acquire and keep this node's subnet lease, write subnet.env and stream peer events.
 
     Callbacks run on one thread ("flannel-bpf-events"), in order:

@@ -10,8 +10,12 @@ import signal
 from flannel_bpf.controller.agent import BACKEND_CHOICES, Agent, options_from_args
 from flannel_bpf.controller.config import ConfigError
 from flannel_bpf.controller.config_change import ConfigChangeRefused
+from flannel_bpf.controller.control_plane import ControlPlane, EtcdControlPlane
 from flannel_bpf.controller.flags import FlagError, add_flanneld_flags, etcd_options_from_args
 from flannel_bpf.controller.health import HealthServerError
+from flannel_bpf.controller.kube_annotations import annotation_keys
+from flannel_bpf.controller.kube_subnet_manager import (DEFAULT_KUBE_NET_CONFIG, KubeControlPlane, KubeError,
+                                                        kube_client, kube_config, own_node_name)
 from flannel_bpf.controller.registry import EtcdError, SubnetRegistry
 from flannel_bpf.controller.subnet_env import SubnetEnvError
 from flannel_bpf.controller.subnet_manager import SUBNET_TTL, OutOfSubnets, SubnetAcquireError
@@ -58,21 +62,42 @@ def add_parser(sub) -> None:
     parser.set_defaults(handler=run)
 
 
+def control_plane(args: argparse.Namespace) -> ControlPlane:
+    """etcd, or the Kubernetes API with --kube-subnet-mgr (FlagError, KubeError)."""
+    if not args.kube_subnet_mgr:
+        return EtcdControlPlane(SubnetRegistry(etcd_options_from_args(args)), args.net_config_path)
+    try:
+        keys = annotation_keys(args.kube_annotation_prefix)
+    except ValueError as err:
+        raise FlagError(str(err)) from None
+    client = kube_client(kube_config(args.kube_api_url, args.kubeconfig_file))
+    try:
+        node_name = own_node_name(client)
+    except KubeError:
+        client.close()
+        raise
+    log.info("Kubernetes subnet manager for node %s (API %s)", node_name, client.config.cluster.server)
+    return KubeControlPlane(client, node_name, keys, args.net_config_path or DEFAULT_KUBE_NET_CONFIG,
+                            bool(args.set_node_network_unavailable))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        etcd = etcd_options_from_args(args)
         uplink = select_uplink(args.iface, args.iface_regex, args.public_ip)
         options = options_from_args(args)
+        control = control_plane(args)
     except (FlagError, UplinkError, ValueError) as err:
         raise UsageError(str(err)) from None
+    except KubeError as err:
+        log.error("%s", err)
+        return 1
     # An agent that dies must say why in its log: a fatal signal in native code (libbpf,
     # grpc) dumps every thread's Python stack to stderr.
     faulthandler.enable()
     # What the agent creates (pin directories, subnet.env and its directory) is never writable
     # by others, whatever umask it was started with.
     os.umask(os.umask(0) | 0o022)
-    registry = SubnetRegistry(etcd)
-    agent = Agent(registry, uplink, options)
+    agent = Agent(control, uplink, options)
 
     def stop_on(signum, _frame):
         log.info("%s received: stopping", signal.Signals(signum).name)
@@ -88,12 +113,12 @@ def run(args: argparse.Namespace) -> int:
     except InterruptedError as err:  # a signal before the agent was running: a clean stop
         log.info("%s", err)
         code = 0
-    except (ConfigError, ConfigChangeRefused, OutOfSubnets, SubnetAcquireError, EtcdError, UplinkError,
+    except (ConfigError, ConfigChangeRefused, OutOfSubnets, SubnetAcquireError, EtcdError, KubeError, UplinkError,
             LoadError, HealthServerError, SubnetEnvError) as err:
         log.error("%s", err)
     except Exception:
         log.exception("the agent failed")
     finally:
-        registry.close()
+        control.close()
         log.info("exiting with code %d", code)
     return code

@@ -195,7 +195,7 @@ def test_agent_sink_coalesces_events_into_one_batch_of_latest_leases():
     """The agent's PeerSink side (what the subnet manager's event thread calls) wired to a real
     backend: events only recorded, then applied by the applier thread in one batch."""
     with started_backend("vxlan") as (netns, backend):
-        agent = Agent(registry=None, uplink=backend.uplink, options=AgentOptions())
+        agent = Agent(control=None, uplink=backend.uplink, options=AgentOptions())
         agent.backend = backend
         with in_netns(netns):
             agent.applier.start()  # its thread acts in this namespace

@@ -18,7 +18,7 @@ import pytest
 from flannel_bpf.controller.lease import Lease, LeaseAttrs, vxlan_backend_data
 from flannel_bpf.controller.peers import PeerEvent
 from flannel_bpf.controller.registry import EtcdOptions, SubnetRegistry
-from flannel_bpf.controller.subnet_manager import SubnetManager
+from flannel_bpf.controller.subnet_manager import EtcdSubnetManager
 from flannel_bpf.lab.etcd import EtcdCluster
 from recording_sink import RecordingSink
 
@@ -96,9 +96,9 @@ def registry(etcd, prefix, open_registry) -> SubnetRegistry:
 
 @pytest.fixture
 def agents(etcd, prefix, open_registry, tmp_path):
-    """agents(index, ...) -> (SubnetManager, RecordingSink): a node agent, started unless
+    """agents(index, ...) -> (EtcdSubnetManager, RecordingSink): a node agent, started unless
     start=False, stopped at teardown. Short TTLs and backoffs come in as keywords."""
-    made: list[SubnetManager] = []
+    made: list[EtcdSubnetManager] = []
 
     def make(index: int, *, config=None, endpoints=None, prefix_=None, start: bool = True,
              subnet_file: Path | None = None, attrs: LeaseAttrs | None = None, ttl: int = 30,
@@ -107,7 +107,7 @@ def agents(etcd, prefix, open_registry, tmp_path):
         if config is None:
             config = registry.wait_for_network_config()
         sink = RecordingSink()
-        manager = SubnetManager(registry, config, attrs or vxlan_attrs(index), mtu=1450,
+        manager = EtcdSubnetManager(registry, config, attrs or vxlan_attrs(index), mtu=1450,
                                 subnet_file=subnet_file or tmp_path / f"agent{index}" / "subnet.env",
                                 sink=sink, on_lease_reacquired=sink.on_lease_reacquired, ttl=ttl,
                                 renew_margin=renew_margin, **keywords)
