@@ -19,6 +19,7 @@ Run on its own (the lab does, inside its underlay namespace):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -111,6 +112,7 @@ class KubeApiStandIn:
         self._history: list[tuple[int, str, dict]] = []
         self._oldest = self._version  # watches from before this get 410 Gone
         self._generation = 0  # bumped to end every open watch
+        self._held = False  # open watches deliver nothing while held
         self.requests: list[Recorded] = []
         self.fail_next: list[int] = []  # HTTP codes to answer the next requests with (faults)
         self._closed = False
@@ -171,6 +173,19 @@ class KubeApiStandIn:
             self._oldest = self._version
             self._generation += 1
             self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def watches_held(self):
+        """Open watches deliver nothing inside this block (changes made in it, then a
+        compact(), are seen by a client only through a new listing)."""
+        with self._lock:
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held = False
+                self._lock.notify_all()
 
     def drop_watches(self) -> None:
         """End every open watch (as an API server restart does)."""
@@ -319,7 +334,7 @@ class KubeApiStandIn:
                     break
                 with self._lock:
                     while (self._generation == generation and not self._closed
-                           and not any(v > cursor for v, _, _ in self._history)
+                           and (self._held or not any(v > cursor for v, _, _ in self._history))
                            and time.monotonic() < deadline):
                         self._lock.wait(max(0.0, min(1.0, deadline - time.monotonic())))
                     if self._generation != generation or self._closed or time.monotonic() >= deadline:
