@@ -85,6 +85,8 @@ def server_config(api_url: str) -> KubeConfig:
 
 
 def kube_client(config: KubeConfig) -> Client:
+    # The HTTP library logs every request at INFO: a watch reconnect is not worth a line.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     # trust_env=False: no proxy from the environment between a node and its API server.
     return Client(config, timeout=httpx2.Timeout(10.0), field_manager="flannel-bpf", trust_env=False)
 

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 from pyroute2 import IPRoute
 
 from flannel_bpf.controller.subnet_env import read_subnet_env
+from flannel_bpf.lab import kube
 from flannel_bpf.lab.cni_pods import CNI_DEVICES, add_cni_pod
 from flannel_bpf.lab.etcd import EtcdCluster, EtcdLaunchError, EtcdMember
 from flannel_bpf.lab.nshttp import EtcdGateway, GatewayError, http_get
@@ -76,6 +77,7 @@ class LabSpec:
     vni: int = DEFAULT_VNI
     agent_args: tuple[str, ...] = ()        # extra `attach` flags for every agent
     pod_devices: tuple[str, ...] = ("veth",)  # pod n of every host gets pod_devices[(n - 1) % len]
+    kube: bool = False                      # the Kubernetes API stand-in instead of etcd
 
     def host_backends(self) -> list[str]:
         backends = list(self.backends) or [self.backend] * self.hosts
@@ -286,10 +288,12 @@ def host_dir(lab: Lab, host: Host) -> Path:
 
 def agent_argv(lab: Lab, host: Host, agent: AgentState, config_type: str, decap: str | None,
                extra: Iterable[str] = ()) -> list[str]:
-    argv = [sys.executable, "-m", "flannel_bpf", "attach", "--iface", host.uplink,
-            "--etcd-endpoints", ",".join(lab.state.etcd.endpoints),
-            "--etcd-prefix", lab.state.etcd.prefix,
-            "--subnet-file", agent.subnet_file, "--healthz-port", str(agent.healthz_port)]
+    argv = [sys.executable, "-m", "flannel_bpf", "attach", "--iface", host.uplink]
+    if lab.state.kube is not None:
+        argv += kube.agent_flags(lab)
+    else:
+        argv += ["--etcd-endpoints", ",".join(lab.state.etcd.endpoints), "--etcd-prefix", lab.state.etcd.prefix]
+    argv += ["--subnet-file", agent.subnet_file, "--healthz-port", str(agent.healthz_port)]
     if agent.backend != config_type:
         argv += ["--backend", agent.backend]
     if decap and agent.backend == "bpf":
@@ -319,6 +323,9 @@ def start_agent(lab: Lab, index: int, backend: str, *, decap: str | None = None,
     argv = agent_argv(lab, host, agent, config.get("Backend", {}).get("Type", ""), decap, extra_args)
     # FLANNELD_* from the caller's environment would silently change every lab agent.
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
+    if lab.state.kube is not None:
+        kube.register_node(lab, host)
+        env["NODE_NAME"] = kube.node_name(host)
     with open(agent.log_path, "ab") as log_file:
         log_file.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
         log_file.flush()
@@ -469,13 +476,19 @@ def up(spec: LabSpec, progress: Progress = NoProgress(), keep_on_failure: bool =
     lab = Lab.create(spec.name, spec.hosts, spec.second_subnet)
     progress.advance("topology")
     try:
-        progress.stage("etcd", 1)
-        try:
-            start_etcd(lab, spec.etcd_members)
-            write_network_config(lab, config)
-        except (EtcdLaunchError, GatewayError) as err:
-            raise LabError(f"etcd: {err}") from None
-        progress.advance("etcd")
+        if spec.kube:
+            progress.stage("kube-api", 1)
+            kube.start_kube_api(lab)
+            kube.write_net_conf(lab, config)
+            progress.advance("kube-api")
+        else:
+            progress.stage("etcd", 1)
+            try:
+                start_etcd(lab, spec.etcd_members)
+                write_network_config(lab, config)
+            except (EtcdLaunchError, GatewayError) as err:
+                raise LabError(f"etcd: {err}") from None
+            progress.advance("etcd")
 
         progress.stage("leases", spec.hosts)
         for host, backend in zip(lab.hosts, backends):
@@ -650,6 +663,9 @@ def describe(lab: Lab, probe: bool = True) -> dict:
                                  "legs": [{"ifname": l.ifname, "address": l.address, "bridge": l.bridge}
                                           for l in st.router.legs]} if st.router else None)},
         "etcd": etcd,
+        "kube_api": ({"url": st.kube.url, "netns": st.underlay_netns, "log": st.kube.log_path,
+                      "running": process_running(st.kube.pid, "kube_standin"),
+                      "net_config_path": st.kube.net_config_path} if st.kube else None),
         "network_config": st.network_config,
         "backends": {h.netns: h.agent.backend for h in st.hosts if h.agent},
         "hosts": hosts,

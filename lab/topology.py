@@ -163,6 +163,15 @@ class EtcdState:
 
 
 @dataclass
+class KubeApiState:
+    """The lab's Kubernetes API stand-in (lab up --kube), in the underlay namespace."""
+    url: str
+    pid: int | None
+    log_path: str
+    net_config_path: str  # net-conf.json, as the kube-flannel ConfigMap holds it
+
+
+@dataclass
 class LabState:
     name: str
     underlay_netns: str
@@ -171,7 +180,8 @@ class LabState:
     router: Router | None = None
     version: int = _STATE_VERSION
     etcd: EtcdState | None = None
-    network_config: dict | None = None   # what `lab up` wrote to <prefix>/config
+    network_config: dict | None = None   # what `lab up` wrote to <prefix>/config (or net-conf.json)
+    kube: KubeApiState | None = None
 
     def host(self, index: int) -> Host:
         for host in self.hosts:
@@ -208,7 +218,8 @@ class LabState:
             return cls(name=data["name"], underlay_netns=data["underlay_netns"],
                        bridges=[Bridge(**b) for b in data["bridges"]], hosts=hosts,
                        router=router, version=data.get("version", _STATE_VERSION), etcd=etcd,
-                       network_config=data.get("network_config"))
+                       network_config=data.get("network_config"),
+                       kube=KubeApiState(**data["kube"]) if data.get("kube") else None)
         except (KeyError, TypeError) as e:
             raise LabError(f"malformed lab state: {e!r}") from None
 

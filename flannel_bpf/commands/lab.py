@@ -22,6 +22,7 @@ from flannel_bpf.usage import UsageError
 log = logging.getLogger("flannel-bpf")
 
 STAGE_TITLES = {"measuring": "measuring (interleaved rounds)", "topology": "namespaces and links", "etcd": "etcd and network config",
+                "kube-api": "Kubernetes API stand-in, net-conf.json",
                 "leases": "agents: subnet leases", "pods": "pods", "ready": "agents: data plane ready",
                 "ping": "reachability matrix"}
 # The counters that say which path packets took, in the order a reader follows a packet.
@@ -52,6 +53,9 @@ def add_parser(sub) -> None:
     up.add_argument("--backends", type=_name_list, default=(), metavar="B1,B2,...",
                     help="backend per host, e.g. bpf,vxlan,bpf (overrides --backend)")
     up.add_argument("--etcd", type=int, choices=(1, 3), default=1, help="etcd members (default 1)")
+    up.add_argument("--kube", action="store_true",
+                    help="Kubernetes mode: agents run --kube-subnet-mgr against the lab's Kubernetes API "
+                         "stand-in (node objects with podCIDRs) instead of etcd")
     up.add_argument("--second-subnet", type=_int_list, default=(), metavar="I,J",
                     help="hosts on a second underlay subnet behind a router, e.g. 3,4")
     up.add_argument("--direct-routing", action="store_true",
@@ -127,7 +131,8 @@ def run_up(args: argparse.Namespace) -> int:
     spec = orch.LabSpec(name=args.name, hosts=args.hosts, pods=args.pods, backend=args.backend,
                         backends=args.backends, etcd_members=args.etcd,
                         second_subnet=args.second_subnet, direct_routing=args.direct_routing,
-                        decap=args.decap, vni=args.vni, pod_devices=args.pod_device)
+                        decap=args.decap, vni=args.vni, pod_devices=args.pod_device,
+                        kube=args.kube)
     console = make_console()
     try:
         spec.validate()
@@ -172,6 +177,11 @@ def run_status(args: argparse.Namespace) -> int:
         for m in etcd["members"]:
             t.add_row(m["name"], m["client_url"], _yes(m["running"]), m["log"])
         console.print(t)
+    if info["kube_api"]:
+        api = info["kube_api"]
+        console.print(f"Kubernetes API stand-in: {api['url']} in namespace {api['netns']} "
+                      f"({'running' if api['running'] else 'not running'}; log {api['log']}); "
+                      f"net-conf.json: {api['net_config_path']}")
     console.print(f"network config: {json.dumps(info['network_config'])}")
     console.print(f"underlay: bridge {info['join']['bridge']} in namespace {info['underlay']['netns']}; "
                   f"free addresses for a host of your own: {', '.join(info['join']['free_addresses'])}")
