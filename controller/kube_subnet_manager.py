@@ -18,11 +18,10 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import httpx2
 from lightkube import ApiError, Client, ConfigError as KubeConfigError, KubeConfig
@@ -34,6 +33,7 @@ from flannel_bpf.controller.kube_annotations import (AnnotationKeys, annotation_
                                                      network_available_patch, node_lease, pod_cidr,
                                                      published_annotations)
 from flannel_bpf.controller.lease import Lease, LeaseAttrs, LeaseFormatError
+from flannel_bpf.controller.lease_check import BAD_VALUE, LeaseProblem, SkippedLeases, lease_problem
 from flannel_bpf.controller.peers import PeerEvent, PeerEventThread, PeerSink, PeerTable
 from flannel_bpf.controller.subnet_env import write_subnet_env
 from flannel_bpf.loader.netdefs import DEFAULT_SUBNET_FILE
@@ -43,11 +43,10 @@ log = logging.getLogger(__name__)
 DEFAULT_KUBE_NET_CONFIG = "/etc/kube-flannel/net-conf.json"
 LEASE_LIFETIME = 24 * 3600  # what flanneld reports as the expiry of a kube lease
 WATCH_SERVER_TIMEOUT = 300  # seconds; the API server ends the watch then and it is resumed
-# Why a node is skipped (the counters' keys).
-SKIP_NOT_FLANNEL = "no flannel annotations"
-SKIP_NO_POD_CIDR = "no podCIDR"
-SKIP_MALFORMED = "malformed"
-SKIP_OUR_SUBNET = "holds this node's subnet"
+# Why a node is skipped, beside lease_check's reasons (metric labels).
+NOT_A_FLANNEL_NODE = "not_flannel_node"
+NO_POD_CIDR = "no_pod_cidr"
+OUR_SUBNET = "our_subnet"
 
 
 class KubeError(RuntimeError):
@@ -140,7 +139,9 @@ class KubeSubnetManager:
                  keys: AnnotationKeys, *, mtu: int, ip_masq: bool = False,
                  subnet_file: str | Path | None = DEFAULT_SUBNET_FILE, sink: PeerSink | None = None,
                  set_network_unavailable: bool = True, stop: threading.Event | None = None,
-                 poll_interval: float = 1.0, backoff_initial: float = 0.1, backoff_max: float = 5.0):
+                 own_addresses: Iterable[IPv4Address] = (), poll_interval: float = 1.0,
+                 backoff_initial: float = 0.1, backoff_max: float = 5.0,
+                 watch_timeout: int = WATCH_SERVER_TIMEOUT):
         self.client = client
         self.node_name = node_name
         self.config = config
@@ -150,19 +151,22 @@ class KubeSubnetManager:
         self.ip_masq = ip_masq
         self.subnet_file = Path(subnet_file) if subnet_file is not None else None
         self.set_network_unavailable = set_network_unavailable
+        self.own_addresses = frozenset({attrs.public_ip, *own_addresses})
         self.poll_interval = poll_interval
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.watch_timeout = watch_timeout
+        _bound_watch_reads(client, watch_timeout)
         self._stopping = stop or threading.Event()
         self._lease: Lease | None = None
         self._peers = PeerTable()
         self._peers_lock = threading.Lock()
         self._subnet_of: dict[str, IPv4Network] = {}  # node name -> subnet it is programmed for
-        self._reported: dict[str, str] = {}  # node name -> why it was last skipped (logged once)
         self._synced = threading.Event()
         self._events = PeerEventThread(sink)
         self._watcher: threading.Thread | None = None
-        self._skipped: dict[str, str] = {}  # node name -> why it is not a peer now
+        self.skipped = SkippedLeases()  # keyed "node/NAME"
+        self._watch_down_since: float | None = time.monotonic()  # None while the watch is up
         self.reconnect_count = 0
         self.reacquired_count = 0  # a podCIDR is never lost
 
@@ -179,11 +183,9 @@ class KubeSubnetManager:
     def wait_synced(self, timeout: float | None = None) -> bool:
         return self._synced.wait(timeout)
 
-    @property
-    def skipped(self) -> Counter[str]:
-        """Nodes that are not peers now, by reason (SKIP_*)."""
-        with self._peers_lock:
-            return Counter(self._skipped.values())
+    def watch_down_for(self) -> float | None:
+        since = self._watch_down_since
+        return None if since is None else time.monotonic() - since
 
     def start(self) -> Lease:
         """Publish our lease on our node and write subnet.env (waiting for the podCIDR), then
@@ -268,12 +270,13 @@ class KubeSubnetManager:
                     nodes = [NodeView.of(n) for n in listing]
                     version = listing.resourceVersion
                     outage = self._end_outage(outage)
+                    self._watch_down_since = None
                     self._apply_listing(nodes)
-                for kind, obj in self.client.watch(Node, resource_version=version,
-                                                   server_timeout=WATCH_SERVER_TIMEOUT):
+                for kind, obj in self.client.watch(Node, resource_version=version, server_timeout=self.watch_timeout):
                     if self._stopping.is_set():
                         return
                     outage = self._end_outage(outage)
+                    self._watch_down_since = None
                     backoff = self.backoff_initial
                     node = NodeView.of(obj)
                     version = node.resource_version or version
@@ -297,6 +300,8 @@ class KubeSubnetManager:
             backoff = min(backoff * 2, self.backoff_max)
 
     def _interrupted(self, outage: str | None, why: str) -> str:
+        if self._watch_down_since is None:
+            self._watch_down_since = time.monotonic()
         if outage is None:
             log.warning("node watch interrupted (%s); reconnecting with backoff up to %g s", why, self.backoff_max)
             return why
@@ -310,8 +315,7 @@ class KubeSubnetManager:
     def _apply_listing(self, nodes: list[NodeView]) -> None:
         leases: dict[IPv4Network, Lease] = {}
         subnet_of: dict[str, IPv4Network] = {}
-        with self._peers_lock:
-            self._skipped = {}
+        self.skipped.retain(_key(node.name) for node in nodes)
         for node in nodes:
             lease = self._peer_lease(node)
             if lease is not None:
@@ -329,8 +333,8 @@ class KubeSubnetManager:
         if lease is None:
             self._forget(node.name)
             return
+        self.skipped.forget(_key(node.name))
         with self._peers_lock:
-            self._skipped.pop(node.name, None)
             events = []
             previous = self._subnet_of.get(node.name)
             if previous is not None and previous != lease.subnet:
@@ -342,9 +346,9 @@ class KubeSubnetManager:
                 self._announce(event)
 
     def _forget(self, name: str, deleted: bool = False) -> None:
+        if deleted:
+            self.skipped.forget(_key(name))
         with self._peers_lock:
-            if deleted:
-                self._skipped.pop(name, None)
             subnet = self._subnet_of.pop(name, None)
             event = self._peers.apply(subnet, None) if subnet is not None else None
         if event is not None:
@@ -355,23 +359,22 @@ class KubeSubnetManager:
         if node.name == self.node_name:
             return None
         if not is_flannel_node(node.annotations, self.keys):
-            return self._skip(node, SKIP_NOT_FLANNEL, f"no {self.keys.kube_subnet_manager}: \"true\" annotation")
+            return self._skip(node, LeaseProblem(NOT_A_FLANNEL_NODE, f"no {self.keys.kube_subnet_manager}: "
+                                                                     f"\"true\" annotation"))
         if node.subnet is None:
-            return self._skip(node, SKIP_MALFORMED if node.cidr_error else SKIP_NO_POD_CIDR,
-                              node.cidr_error or "no podCIDR assigned")
-        if self._lease is not None and node.subnet.overlaps(self._lease.subnet):
-            return self._skip(node, SKIP_OUR_SUBNET, f"its podCIDR {node.subnet} overlaps ours")
+            return self._skip(node, LeaseProblem(BAD_VALUE, node.cidr_error) if node.cidr_error
+                              else LeaseProblem(NO_POD_CIDR, "no podCIDR assigned"))
         try:
-            return node_lease(node.annotations, node.subnet, self.keys)
+            lease = node_lease(node.annotations, node.subnet, self.keys)
         except LeaseFormatError as exc:
-            return self._skip(node, SKIP_MALFORMED, str(exc))
+            return self._skip(node, LeaseProblem(BAD_VALUE, str(exc)))
+        problem = lease_problem(lease, self.config, self.own_addresses)
+        if problem is None and self._lease is not None and node.subnet.overlaps(self._lease.subnet):
+            problem = LeaseProblem(OUR_SUBNET, f"its podCIDR {node.subnet} overlaps ours")
+        return lease if problem is None else self._skip(node, problem)
 
-    def _skip(self, node: NodeView, kind: str, why: str) -> None:
-        with self._peers_lock:
-            self._skipped[node.name] = kind
-        if self._reported.get(node.name) != why:
-            self._reported[node.name] = why
-            log.info("skipping node %s: %s", node.name, why)
+    def _skip(self, node: NodeView, problem: LeaseProblem) -> None:
+        self.skipped.skip(_key(node.name), problem)
         return None
 
     def _announce(self, event: PeerEvent) -> None:
@@ -379,6 +382,22 @@ class KubeSubnetManager:
             return
         log.info("%s", event.describe())
         self._events.put(event)
+
+
+def _bound_watch_reads(client: Client, watch_timeout: int) -> None:
+    """lightkube reads a watch without a read timeout, so a connection that died silently (no
+    FIN, no RST) would stall the watch for good. The server ends every watch after
+    `watch_timeout`: a stream silent for clearly longer than that is dead."""
+    timeout = getattr(getattr(client, "_client", None), "_watch_timeout", None)
+    if timeout is None:
+        log.warning("this lightkube keeps no watch timeout to bound: a silently dead API connection "
+                    "would not be noticed")
+        return
+    timeout.read = watch_timeout * 1.5 + 5
+
+
+def _key(node_name: str) -> str:
+    return f"node/{node_name}"
 
 
 def _describe(exc: ApiError) -> str:
@@ -397,6 +416,7 @@ class KubeControlPlane:
         self.keys = keys
         self.net_config_path = net_config_path
         self.set_network_unavailable = set_network_unavailable
+        self.own_addresses = frozenset({attrs.public_ip, *own_addresses})
 
     def network_config(self, stop: threading.Event) -> NetworkConfig:
         return load_network_config_file(self.net_config_path)
@@ -404,7 +424,8 @@ class KubeControlPlane:
     def subnet_manager(self, config: NetworkConfig, attrs: LeaseAttrs, settings) -> KubeSubnetManager:
         return KubeSubnetManager(self.client, self.node_name, config, attrs, self.keys, mtu=settings.mtu,
                                  ip_masq=settings.ip_masq, subnet_file=settings.subnet_file, sink=settings.sink,
-                                 set_network_unavailable=self.set_network_unavailable, stop=settings.stop)
+                                 set_network_unavailable=self.set_network_unavailable, stop=settings.stop,
+                                 own_addresses=settings.own_addresses)
 
     def close(self) -> None:
         self.client.close()

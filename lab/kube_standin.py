@@ -113,6 +113,7 @@ class KubeApiStandIn:
         self._oldest = self._version  # watches from before this get 410 Gone
         self._generation = 0  # bumped to end every open watch
         self._held = False  # open watches deliver nothing while held
+        self.silent_watches = False  # new watches get headers, then nothing, ever (a dead link)
         self.requests: list[Recorded] = []
         self.fail_next: list[int] = []  # HTTP codes to answer the next requests with (faults)
         self._closed = False
@@ -315,6 +316,10 @@ class KubeApiStandIn:
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Transfer-Encoding", "chunked")
         handler.end_headers()
+        if self.silent_watches:
+            while not self._closed:
+                time.sleep(0.1)
+            return
         with self._lock:
             generation = self._generation
             if since in (None, "", "0"):

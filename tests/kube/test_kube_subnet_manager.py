@@ -12,8 +12,9 @@ import pytest
 
 from flannel_bpf.controller.config import parse_network_config
 from flannel_bpf.controller.kube_annotations import annotation_keys
-from flannel_bpf.controller.kube_subnet_manager import (SKIP_MALFORMED, SKIP_NO_POD_CIDR, SKIP_NOT_FLANNEL,
-                                                        KubeError, KubeSubnetManager, own_node_name)
+from flannel_bpf.controller.kube_subnet_manager import (NO_POD_CIDR, NOT_A_FLANNEL_NODE, KubeError,
+                                                        KubeSubnetManager, own_node_name)
+from flannel_bpf.controller.lease_check import BAD_VALUE, PUBLIC_IP_IS_OURS, UNUSABLE_VTEP_MAC
 from flannel_bpf.controller.lease import node_lease_attrs
 from flannel_bpf.controller.subnet_env import read_subnet_env
 from recording_sink import RecordingSink
@@ -164,7 +165,7 @@ def test_peers_follow_the_nodes(kube_api, managers):
     manager = managers(own, sink=sink)
     manager.start()
     sink.wait_for_peers([IPv4Network("10.244.2.0/24")])
-    assert manager.skipped == {SKIP_NOT_FLANNEL: 1, SKIP_NO_POD_CIDR: 1, SKIP_MALFORMED: 1}
+    assert manager.skipped.current() == {NOT_A_FLANNEL_NODE: 1, NO_POD_CIDR: 1, BAD_VALUE: 1}
     assert sink.state()[IPv4Network("10.244.2.0/24")].vtep_mac == "0a:58:c6:12:00:0c"
 
     kube_api.annotate(bare, peer_annotations(13))                                 # flannel starts there
@@ -178,11 +179,11 @@ def test_peers_follow_the_nodes(kube_api, managers):
     sink.wait_for_peers([IPv4Network(f"10.244.{i}.0/24") for i in (3, 4, 5)])
     assert [e.kind for e in sink.events if e.lease.subnet == IPv4Network("10.244.2.0/24")] == [
         "added", "changed", "removed"]
-    assert manager.skipped == {}
+    assert manager.skipped.current() == {}
     # A peer that turns malformed is removed, not left programmed with stale values.
     kube_api.annotate(bad, {"flannel.alpha.coreos.com/public-ip": "not-an-ip"})
     sink.wait_for_peers([IPv4Network(f"10.244.{i}.0/24") for i in (3, 4)])
-    assert manager.skipped == {SKIP_MALFORMED: 1}
+    assert manager.skipped.current() == {BAD_VALUE: 1}
     assert len({*sink.threads}) == 1
 
 
@@ -233,3 +234,39 @@ def test_node_name_from_the_pod(kube_api, standin):
         own_node_name(client, {})
     with pytest.raises(KubeError, match="error retrieving pod spec for 'kube-flannel/gone'"):
         own_node_name(client, {"POD_NAME": "gone", "POD_NAMESPACE": "kube-flannel"})
+
+
+def test_hostile_nodes_are_checked_at_the_door(kube_api, managers):
+    """The same lease check as etcd leases: a broadcast VtepMAC, or our own address as a
+    peer's public IP, is skipped and counted by reason."""
+    own = kube_api.create_node(pod_cidr="10.244.1.0/24")
+    kube_api.create_node(pod_cidr="10.244.2.0/24", annotations={
+        **peer_annotations(12), "flannel.alpha.coreos.com/backend-data": '{"VNI":1,"VtepMAC":"ff:ff:ff:ff:ff:ff"}'})
+    kube_api.create_node(pod_cidr="10.244.3.0/24", annotations={
+        **peer_annotations(13), "flannel.alpha.coreos.com/public-ip": "198.18.0.11"})
+    kube_api.create_node(pod_cidr="10.244.4.0/24", annotations=peer_annotations(14))
+    sink = RecordingSink()
+    manager = managers(own, sink=sink)
+    manager.start()
+    sink.wait_for_peers([IPv4Network("10.244.4.0/24")])
+    assert manager.skipped.current() == {UNUSABLE_VTEP_MAC: 1, PUBLIC_IP_IS_OURS: 1}
+
+
+def test_a_silently_dead_watch_is_noticed(kube_api, standin, managers, caplog):
+    """A watch connection that goes quiet for longer than the server's watch timeout (a link
+    that died without a FIN) is given up and resumed."""
+    own = kube_api.create_node(pod_cidr="10.244.1.0/24")
+    sink = RecordingSink()
+    manager = managers(own, sink=sink, watch_timeout=1)
+    manager.start()
+    assert manager.wait_synced(10)
+    standin.silent_watches = True
+    standin.drop_watches()
+    deadline = time.monotonic() + 20
+    while manager.watch_down_for() is None:
+        assert time.monotonic() < deadline, "the dead watch was never noticed"
+        time.sleep(0.1)
+    standin.silent_watches = False
+    kube_api.create_node(pod_cidr="10.244.2.0/24", annotations=peer_annotations(12))
+    sink.wait_for_peers([IPv4Network("10.244.2.0/24")], timeout=20)
+    assert manager.watch_down_for() is None and manager.reconnect_count == 1
