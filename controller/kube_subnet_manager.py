@@ -416,7 +416,6 @@ class KubeControlPlane:
         self.keys = keys
         self.net_config_path = net_config_path
         self.set_network_unavailable = set_network_unavailable
-        self.own_addresses = frozenset({attrs.public_ip, *own_addresses})
 
     def network_config(self, stop: threading.Event) -> NetworkConfig:
         return load_network_config_file(self.net_config_path)
