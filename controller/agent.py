@@ -118,8 +118,8 @@ class Agent:
         attrs = node_lease_attrs(backend_type, self.uplink.public_ip, self.config.backend.vni, vtep_mac)
         self.manager = self.control.subnet_manager(self.config, attrs, ManagerSettings(
             mtu=self.config.backend.pod_mtu(self.uplink.mtu), subnet_file=self.options.subnet_file, sink=self,
-            on_lease_reacquired=self._lease_reacquired, holds_pods=self._pods_live, stop=self._stop, ip_masq=self.options.ip_masq,
-            ttl=self.options.lease_ttl, renew_margin=self.options.renew_margin,
+            on_lease_reacquired=self._lease_reacquired, holds_pods=self._pods_live, stop=self._stop,
+            ip_masq=self.options.ip_masq, ttl=self.options.lease_ttl, renew_margin=self.options.renew_margin,
             own_addresses=frozenset({self.uplink.ip})))
         self.backend.prepare()
         lease = self.manager.start()
@@ -289,6 +289,6 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         cleanup_on_exit=args.cleanup_on_exit, reconcile_interval=args.reconcile_interval,
         lease_ttl=args.subnet_lease_ttl, renew_margin=renew_margin_seconds(args),
         ip_masq=bool(args.ip_masq), iptables_forward_rules=bool(args.iptables_forward_rules),
-from flannel_bpf.controller.config_change import check_config_change
         iptables_resync=float(args.iptables_resync), subnet_file=args.subnet_file,
-        healthz_ip=args.healthz_ip, healthz_port=int(args.healthz_port))
+        healthz_ip=args.healthz_ip, healthz_port=int(args.healthz_port),
+        accept_config_change=args.accept_config_change)
