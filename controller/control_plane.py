@@ -29,6 +29,7 @@ class SubnetManager(Protocol):
     reconnect_count: int   # times the peer watch came back after its source went away
     reacquired_count: int  # times our lost lease was taken again
     skipped: SkippedLeases  # peers not programmed, and why
+    conflict: str | None    # why we hold no lease on our subnet while another node does
 
     @property
     def lease(self) -> Lease | None: ...

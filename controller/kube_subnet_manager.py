@@ -169,6 +169,7 @@ class KubeSubnetManager:
         self._watch_down_since: float | None = time.monotonic()  # None while the watch is up
         self.reconnect_count = 0
         self.reacquired_count = 0  # a podCIDR is never lost
+        self.conflict: str | None = None  # nor claimed by another node: the controller manager assigns it
 
     # -- public ------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The ClusterRole of deploy/kube-flannel-bpf.yml grants exactly the calls the agent's subnet
 manager makes: derived here from the requests the stand-in saw during a whole run."""
+import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def test_cluster_role_is_exactly_what_the_manager_calls(kube_api, standin, tmp_p
     try:
         manager.start()
         sink.wait_for_peers([IPv4Network("10.244.2.0/24")])
+        deadline = time.monotonic() + 10
+        while not any(r.query.get("watch") for r in standin.requests[first:]):
+            assert time.monotonic() < deadline, "the manager never watched the nodes"
+            time.sleep(0.05)
     finally:
         manager.stop()
     used = {verb_of(r) for r in standin.requests[first:]}
