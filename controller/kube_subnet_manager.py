@@ -249,7 +249,7 @@ class KubeSubnetManager:
                 log.warning("%s", problem)
                 said = problem
             if self._stopping.wait(self.poll_interval):
-                raise KubeError("stopped while waiting for this node's podCIDR")
+                raise InterruptedError("stopped while waiting for this node's podCIDR")
 
     def _patch_status(self, patch: dict, what: str) -> None:
         try:
