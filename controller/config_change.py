@@ -38,13 +38,13 @@ class RunningNode:
 
 
 def running_node(subnet_file: str | Path) -> RunningNode:
-    env = read_subnet_env(subnet_file)
     network = subnet = None
     try:
+        env = read_subnet_env(subnet_file)
         network = IPv4Network(env["FLANNEL_NETWORK"]) if env.get("FLANNEL_NETWORK") else None
         subnet = IPv4Interface(env["FLANNEL_SUBNET"]).network if env.get("FLANNEL_SUBNET") else None
-    except ValueError:
-        pass  # a damaged subnet.env says nothing about what runs; the lease logic logs it
+    except (OSError, ValueError):
+        pass  # an unreadable or damaged subnet.env says nothing about what runs
     devices = {}
     with IPRoute() as ipr:
         for link in ipr.get_links():
@@ -56,6 +56,11 @@ def running_node(subnet_file: str | Path) -> RunningNode:
     return RunningNode(network, subnet, devices)
 
 
+def _vni(config: NetworkConfig) -> int | None:
+    """The VNI the config's backend runs VXLAN with; None for one without VXLAN."""
+    return config.backend.vni if config.backend.encapsulates else None
+
+
 def contradictions(config: NetworkConfig, node: RunningNode) -> list[str]:
     """What in `config` contradicts `node`, one phrase each."""
     found = []
@@ -64,7 +69,7 @@ def contradictions(config: NetworkConfig, node: RunningNode) -> list[str]:
     elif node.subnet is not None and not config.fits(node.subnet):
         found.append(f"subnets /{config.subnet_len} from {config.subnet_min} to {config.subnet_max}, "
                      f"which leave out this node's subnet {node.subnet} (subnet.env)")
-    wanted = config.backend.vni if config.backend.encapsulates else None
+    wanted = _vni(config)
     stale = sorted(name for name, vni in node.vxlan_devices.items() if vni != wanted)
     if stale:
         now = f"VNI {wanted}" if wanted is not None else f"backend {config.backend.type} (no VXLAN)"
@@ -84,11 +89,9 @@ def check_config_change(config: NetworkConfig, subnet_file: str | Path, accept: 
             f"the network config says {'; and '.join(found)}: refusing to renumber this node's pods or "
             "leave its old VXLAN device up; restart with --accept-config-change to switch")
     log.warning("network config changed (--accept-config-change): %s", "; and ".join(found))
-    wanted = config.backend.vni if config.backend.encapsulates else None
     with IPRoute() as ipr:
         for name, vni in node.vxlan_devices.items():
-            if vni != wanted:
-                (index,) = ipr.link_lookup(ifname=name) or (None,)
-                if index is not None:
+            if vni != _vni(config):
+                for index in ipr.link_lookup(ifname=name):
                     ipr.link("del", index=index)
                     log.info("removed %s (VNI %d, not in the new config)", name, vni)

@@ -3,7 +3,9 @@ IP, a subnet.env that disagrees with etcd. Pods live on our subnet (holds_pods) 
 says otherwise: the agent never renumbers them, never adopts a lease it did not write, and says
 so (`conflict`) until the key is ours or free again."""
 import time
+from contextlib import contextmanager
 from ipaddress import IPv4Network
+from pathlib import Path
 
 import etcd3
 
@@ -13,25 +15,33 @@ from flannel_bpf.controller.subnet_env import read_previous_subnet, write_subnet
 NETWORK = IPv4Network("10.244.0.0/16")
 
 
-def client_of(etcd) -> etcd3.Etcd3Client:
+@contextmanager
+def client_of(etcd):
+    """A plain etcd client, as an operator or a hostile node writes keys."""
     member = etcd.members[0]
-    return etcd3.client(host=member.host, port=member.client_port, timeout=5)
+    client = etcd3.client(host=member.host, port=member.client_port, timeout=5)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def put(etcd, key: str, value: str) -> None:
-    client = client_of(etcd)
-    try:
+    with client_of(etcd) as client:
         client.put(key, value)
-    finally:
-        client.close()
 
 
 def delete(etcd, key: str) -> None:
-    client = client_of(etcd)
-    try:
+    with client_of(etcd) as client:
         client.delete(key)
-    finally:
-        client.close()
+
+
+def held_by_another(etcd, prefix, tmp_path, subnet: IPv4Network, holder) -> Path:
+    """A subnet.env of ours naming `subnet`, whose key `holder` (LeaseAttrs) has in etcd."""
+    subnet_file = tmp_path / "node" / "subnet.env"
+    write_subnet_env(subnet_file, NETWORK, subnet, 1450, False)
+    put(etcd, subnet_key(prefix, subnet), encode_lease_value(holder))
+    return subnet_file
 
 
 def pods_live(subnet: IPv4Network) -> bool:
@@ -83,11 +93,8 @@ def test_restart_takes_the_subnet_of_subnet_env_not_a_lease_another_node_wrote_w
 
 def test_restart_whose_subnet_another_node_holds_serves_it_in_conflict_until_it_is_free(
         etcd, prefix, network_config, agents, tmp_path, node_attrs):
-    subnet_file = tmp_path / "node" / "subnet.env"
     ours = IPv4Network("10.244.77.0/24")
-    write_subnet_env(subnet_file, NETWORK, ours, 1450, False)
-    put(etcd, subnet_key(prefix, ours), encode_lease_value(node_attrs(24)))
-
+    subnet_file = held_by_another(etcd, prefix, tmp_path, ours, node_attrs(24))
     manager, sink = agents(23, subnet_file=subnet_file, holds_pods=pods_live, renew_retry=0.2)
     assert manager.lease.subnet == ours and manager.conflict is not None
     assert read_previous_subnet(subnet_file) == ours
@@ -101,10 +108,8 @@ def test_restart_whose_subnet_another_node_holds_serves_it_in_conflict_until_it_
 
 def test_without_pods_a_taken_subnet_is_left_for_a_new_one_as_flanneld_does(
         etcd, prefix, network_config, agents, tmp_path, node_attrs):
-    subnet_file = tmp_path / "node" / "subnet.env"
     ours = IPv4Network("10.244.78.0/24")
-    write_subnet_env(subnet_file, NETWORK, ours, 1450, False)
-    put(etcd, subnet_key(prefix, ours), encode_lease_value(node_attrs(26)))
+    subnet_file = held_by_another(etcd, prefix, tmp_path, ours, node_attrs(26))
     manager, _ = agents(25, subnet_file=subnet_file)
     assert manager.lease.subnet != ours and manager.conflict is None
     assert read_previous_subnet(subnet_file) == manager.lease.subnet
