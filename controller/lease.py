@@ -115,14 +115,14 @@ def parse_subnet_key(key: str | bytes) -> IPv4Network:
     text = key.decode(errors="replace") if isinstance(key, bytes) else key
     match = _SUBNET_KEY.search(text)
     if not match:
-        raise LeaseFormatError(f"key {_shorten(text)!r} does not end in a subnet like 10.5.52.0-24")
+        raise LeaseFormatError(f"key {shorten(text)!r} does not end in a subnet like 10.5.52.0-24")
     try:
         prefixlen = int(match.group(2))
         if prefixlen > 32:
             raise ValueError
         return IPv4Network((IPv4Address(match.group(1)), prefixlen))
     except ValueError:
-        raise LeaseFormatError(f"key {_shorten(text)!r} does not name an aligned IPv4 subnet") from None
+        raise LeaseFormatError(f"key {shorten(text)!r} does not name an aligned IPv4 subnet") from None
 
 
 def parse_lease_key(key: str | bytes, subnets_key_prefix: str) -> IPv4Network:
@@ -133,13 +133,13 @@ def parse_lease_key(key: str | bytes, subnets_key_prefix: str) -> IPv4Network:
     name = text[len(subnets_key_prefix):] if text.startswith(subnets_key_prefix) else text
     subnet = parse_subnet_key(name)
     if name.split("&", 1)[0] != f"{subnet.network_address}-{subnet.prefixlen}":
-        raise LeaseFormatError(f"key {_shorten(text)!r} is not {subnets_key_prefix}"
+        raise LeaseFormatError(f"key {shorten(text)!r} is not {subnets_key_prefix}"
                                f"{subnet.network_address}-{subnet.prefixlen}")
     return subnet
 
 
-def _shorten(text: str, limit: int = 120) -> str:
-    """Text quoted in a message: a hostile key or value may be a megabyte long."""
+def shorten(text: str, limit: int = 120) -> str:
+    """Text quoted in a message or log line: a hostile key or value may be a megabyte long."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
@@ -184,7 +184,7 @@ def decode_lease(key: str | bytes, value: bytes | str, **bookkeeping) -> Lease:
     try:
         public_ip = IPv4Address(public_ip)
     except ValueError:
-        raise LeaseFormatError(f"PublicIP {_shorten(public_ip)!r} is not an IPv4 address") from None
+        raise LeaseFormatError(f"PublicIP {shorten(public_ip)!r} is not an IPv4 address") from None
     public_ipv6 = attrs.get("PublicIPv6")
     if public_ipv6 is not None and not isinstance(public_ipv6, str):
         raise LeaseFormatError("PublicIPv6 is neither null nor a string")

@@ -18,7 +18,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable
 
 from flannel_bpf.controller.config import NetworkConfig
-from flannel_bpf.controller.lease import Lease, lease_type_of
+from flannel_bpf.controller.lease import Lease, lease_type_of, shorten
 from flannel_bpf.loader.netdefs import check_public_ip, check_vtep_mac
 
 log = logging.getLogger(__name__)
@@ -103,17 +103,14 @@ class SkippedLeases:
 
     def skip(self, key: str, problem: LeaseProblem) -> None:
         """Record that `key` is skipped for `problem`; logs (and counts) only a new reason."""
-        message = problem.message
-        if len(message) > _LOGGED_REASON_CHARS:
-            message = f"{message[:_LOGGED_REASON_CHARS]}... ({len(message)} characters)"
-        shown_key = key if len(key) <= 200 else f"{key[:200]}... ({len(key)} characters)"
+        message = shorten(problem.message, _LOGGED_REASON_CHARS)
         memo = (problem.label, _digest(message))
         with self._lock:
             if self._reasons.get(_digest(key)) == memo:
                 return
             self._reasons[_digest(key)] = memo
             self.total[problem.label] += 1
-        log.warning("skipping lease %s: %s", shown_key, message)
+        log.warning("skipping lease %s: %s", shorten(key, 200), message)
 
     def forget(self, key: str) -> None:
         with self._lock:

@@ -4,12 +4,12 @@ import json
 import shutil
 import subprocess
 
-import etcd3
-import etcd3.etcdrpc as etcdrpc
 import pytest
 
 from flannel_bpf.controller.registry import EtcdError, EtcdOptions, SubnetRegistry
 from flannel_bpf.lab.etcd import EtcdTLS
+
+from test_subnet_leases import enable_auth
 
 
 def openssl(*args, cwd):
@@ -44,25 +44,10 @@ def test_tls_with_client_certificate(etcd_cluster, prefix, open_registry, agents
         open_registry(cluster.endpoints, prefix, cafile=str(tls_files.ca), timeout=2).get_network_config_text()
 
 
-def enable_auth_over_tls(member, tls: EtcdTLS, password: str) -> None:
-    """etcd's auth as an operator sets it up (a root user with the root role, then auth on),
-    through a client that presents the certificate."""
-    client = etcd3.client(host=member.host, port=member.client_port, timeout=5, ca_cert=str(tls.ca),
-                          cert_key=str(tls.key), cert_cert=str(tls.cert))
-    try:
-        auth = etcdrpc.AuthStub(client.channel)
-        auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name="root"), 5)
-        auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=password), 5)
-        auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"), 5)
-        auth.AuthEnable(etcdrpc.AuthEnableRequest(), 5)
-    finally:
-        client.close()
-
-
 def test_tls_client_certificate_and_password_together(etcd_cluster, prefix, open_registry, agents, network_doc,
                                                       tls_files):
     cluster = etcd_cluster(1, tls=tls_files)
-    enable_auth_over_tls(cluster.members[0], tls_files, "s3cret")
+    enable_auth(cluster, "s3cret")
     files = {"cafile": str(tls_files.ca), "certfile": str(tls_files.cert), "keyfile": str(tls_files.key)}
     # The certificate alone names user "etcd" (its CN), who does not exist; a wrong password fails.
     with pytest.raises(EtcdError):

@@ -224,9 +224,12 @@ def test_missing_config_is_waited_for(etcd, prefix, registry, caplog, network_do
 
 
 def enable_auth(cluster, password: str) -> None:
-    """etcd's auth as an operator sets it up: a root user with the root role, then auth on."""
+    """etcd's auth as an operator sets it up: a root user with the root role, then auth on
+    (through a client that presents the cluster's certificate when it serves TLS)."""
     member = cluster.members[0]
-    client = etcd3.client(host=member.host, port=member.client_port, timeout=5)
+    tls = member.tls
+    files = {} if tls is None else {"ca_cert": str(tls.ca), "cert_key": str(tls.key), "cert_cert": str(tls.cert)}
+    client = etcd3.client(host=member.host, port=member.client_port, timeout=5, **files)
     try:
         auth = etcdrpc.AuthStub(client.channel)
         auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name="root"), 5)
