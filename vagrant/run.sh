@@ -4,11 +4,19 @@
 #   vagrant/run.sh test   on every VM: pod-to-pod pings to every other VM, and proof that the
 #                         replies were decapsulated by XDP in native mode; writes a JSON report
 #   vagrant/run.sh down   destroys the VMs, their volumes and the lab's libvirt networks, even
-#                         after a failed or interrupted run (the box stays cached)
+#                         after a failed or interrupted run, and the storage pool and libvirt
+#                         daemons this script made or started (the built box stays cached)
+#   vagrant/run.sh bench  the pod-to-pod benchmark between node1 and node2 (after up) for every path
+#                         (bpf XDP, bpf tc, kernel vxlan, host-gw, underlay), switched in place:
+#                         the netns bench's table, JSON and chart. Under software emulation one
+#                         short round, a functional check whose figures are not performance.
+#                         The VMs stay up (on the last path measured): run.sh down afterwards.
 #   vagrant/run.sh all    up, test, down (down also when up or test fail); exit code of the test
 #   vagrant/run.sh purge  down, then also the cached box, its libvirt volume and the build cache
 # Every step is bounded in time. Settings: see the Vagrantfile; also FBPF_VAGRANT_RESULTS (the
-# JSON report, default $FBPF_VAGRANT_CACHE/last-check.json).
+# JSON report, default $FBPF_VAGRANT_CACHE/last-check.json), FBPF_BENCH_OUT (the bench's JSON and
+# chart, default bench-results/ in the repository), FBPF_BENCH_ROUNDS, FBPF_BENCH_SECONDS,
+# FBPF_PYTHON (the host's Python with the project installed, default the repository's .venv).
 set -euo pipefail
 here=$(dirname "$(readlink -f "$0")")
 
@@ -24,6 +32,10 @@ RESULTS=${FBPF_VAGRANT_RESULTS:-$FBPF_VAGRANT_CACHE/last-check.json}
 BOX=flannel-bpf/bookworm
 BOX_FILE=$FBPF_VAGRANT_CACHE/box/flannel-bpf-bookworm.box
 NETWORKS=(fbpf-underlay fbpf-mgmt)
+POOL=default                                   # vagrant-libvirt's storage pool
+# What this script brought to life and `down` ends: daemons started by hand, a pool it made.
+OWN_DAEMONS=$FBPF_VAGRANT_CACHE/own-daemons
+OWN_POOL=$FBPF_VAGRANT_CACHE/own-pool
 HOST_DEBS=(vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients dnsmasq-base qemu-system-x86
            qemu-utils debootstrap e2fsprogs rsync openssh-client python3-venv)
 
@@ -50,8 +62,12 @@ libvirt_daemons() {
   if [ -d /run/systemd/system ]; then
     systemctl start virtlogd libvirtd
   else
-    pgrep -x virtlogd >/dev/null || virtlogd -d 9>&-
+    if ! pgrep -x virtlogd >/dev/null; then
+      virtlogd -d 9>&-
+      echo virtlogd >>"$OWN_DAEMONS"
+    fi
     if ! pgrep -x libvirtd >/dev/null; then
+      echo libvirtd >>"$OWN_DAEMONS"
       if [ "${FBPF_LIBVIRT_DRIVER:-qemu}" = qemu ] && [ -e /dev/kvm ]; then
         # When /dev/kvm is there but KVM does not work (a PVM hypervisor), libvirt finds its
         # cached QEMU capabilities stale on almost every call and probes QEMU again (10-20 s
@@ -77,7 +93,23 @@ libvirt_daemons() {
   done
 }
 
-box_volumes() { virsh_ vol-list default 2>/dev/null | awk '{print $1}' | grep -F 'flannel-bpf-VAGRANTSLASH-bookworm' || true; }
+# The daemons this script started (by the pid in their pid file), libvirtd first.
+stop_own_daemons() {
+  local d pid
+  [ -f "$OWN_DAEMONS" ] || return 0
+  for d in libvirtd virtlogd; do
+    grep -qx "$d" "$OWN_DAEMONS" || continue
+    pid=$(cat "/run/$d.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$d" ]; then
+      kill "$pid"
+      timeout 30 tail --pid="$pid" -f /dev/null || kill -9 "$pid" 2>/dev/null || true
+      say "stopped $d (pid $pid)"
+    fi
+  done
+  rm -f "$OWN_DAEMONS"
+}
+
+box_volumes() { virsh_ vol-list "$POOL" 2>/dev/null | awk '{print $1}' | grep -F 'flannel-bpf-VAGRANTSLASH-bookworm' || true; }
 
 box() {
   bounded 2400 "$here/build-box.sh"
@@ -88,7 +120,7 @@ box() {
     bounded 600 vagrant box add --force --name "$BOX" "$BOX_FILE" >/dev/null
     # vagrant-libvirt uploads a box to the storage pool once: drop the copy of an older build.
     local v
-    for v in $(box_volumes); do virsh_ vol-delete --pool default "$v" >/dev/null; done
+    for v in $(box_volumes); do virsh_ vol-delete --pool "$POOL" "$v" >/dev/null; done
     echo "$built" >"$stamp"
   fi
 }
@@ -107,6 +139,7 @@ up() {
   box
   mkdir -p "$FBPF_VAGRANT_CACHE/console"
   rm -f "$FBPF_VAGRANT_CACHE"/console/*.log
+  virsh_ pool-info "$POOL" >/dev/null 2>&1 || touch "$OWN_POOL"  # vagrant-libvirt will make it
   say "vagrant up: $FBPF_NODES VMs, libvirt driver ${FBPF_LIBVIRT_DRIVER:-qemu}"
   if ! bounded "${FBPF_UP_TIMEOUT:-1800}" vagrant up --provider libvirt 2>&1 | sed -u -E 's/(\x1b\[K)?Progress: [0-9]+%//g'; then
     print_consoles
@@ -151,6 +184,16 @@ EOF
   [ "$ok" = True ] && [ $failed = 0 ]
 }
 
+bench() {
+  local py=${FBPF_PYTHON:-$here/../.venv/bin/python} config=$FBPF_VAGRANT_CACHE/ssh-config
+  [ -x "$py" ] || die "no $py: run ./setup.sh first (the bench's report runs on the host, in the project's venv)"
+  bounded 300 vagrant ssh-config node1 node2 >"$config" 2>/dev/null || die "the lab is not up: vagrant/run.sh up first"
+  say "bench: node1's pod to node2's pod, every path"
+  bounded "${FBPF_BENCH_TIMEOUT:-7200}" "$py" -m flannel_bpf lab bench --vms "$config" \
+    --rounds "${FBPF_BENCH_ROUNDS:-3}" --seconds "${FBPF_BENCH_SECONDS:-5}" \
+    --out "${FBPF_BENCH_OUT:-$here/../bench-results}" 9>&-
+}
+
 down() {
   local start=$SECONDS d v n
   # libvirtd may have died (or the host rebooted) while domains exist: it must run to remove them.
@@ -164,8 +207,8 @@ down() {
       virsh_ undefine "$d" >/dev/null 2>&1 || true
       say "removed domain $d"
     done
-    for v in $(virsh_ vol-list default 2>/dev/null | awk '{print $1}' | grep '^fbpf-' || true); do
-      virsh_ vol-delete --pool default "$v" >/dev/null && say "removed volume $v"
+    for v in $(virsh_ vol-list "$POOL" 2>/dev/null | awk '{print $1}' | grep '^fbpf-' || true); do
+      virsh_ vol-delete --pool "$POOL" "$v" >/dev/null && say "removed volume $v"
     done
     for n in "${NETWORKS[@]}"; do
       if virsh_ net-info "$n" >/dev/null 2>&1; then
@@ -175,15 +218,27 @@ down() {
       fi
     done
   fi
+  if [ -f "$OWN_POOL" ] && virsh -q version >/dev/null 2>&1; then
+    # The box's copy goes too (uploaded again by the next up, ~1 min): the pool was ours.
+    for v in $(box_volumes); do virsh_ vol-delete --pool "$POOL" "$v" >/dev/null; done
+    if [ -z "$(virsh_ vol-list "$POOL" 2>/dev/null)" ]; then
+      virsh_ pool-destroy "$POOL" >/dev/null 2>&1 || true
+      virsh_ pool-undefine "$POOL" >/dev/null 2>&1 || true
+      rm -f "$OWN_POOL"
+      say "removed storage pool $POOL"
+    fi
+  fi
   rm -rf "$here/.vagrant"
+  stop_own_daemons
   say "down in $((SECONDS - start)) s"
 }
 
 purge() {
-  down
+  if command -v libvirtd >/dev/null; then (libvirt_daemons) || say "libvirtd is not answering"; fi
   if command -v virsh >/dev/null && virsh -q version >/dev/null 2>&1; then
-    for v in $(box_volumes); do virsh_ vol-delete --pool default "$v" >/dev/null; done
+    for v in $(box_volumes); do virsh_ vol-delete --pool "$POOL" "$v" >/dev/null; done
   fi
+  down
   rm -rf "$FBPF_VAGRANT_CACHE"
   say "purged $FBPF_VAGRANT_CACHE"
 }
@@ -197,6 +252,7 @@ flock -w 30 9 || die "another vagrant/run.sh is running"
 case "${1:-}" in
   up) up ;;
   test) run_checks ;;
+  bench) bench ;;
   down) down ;;
   purge) purge ;;
   all)
@@ -206,5 +262,5 @@ case "${1:-}" in
     run_checks
     say "all done in $((SECONDS - start)) s (down follows)"
     ;;
-  *) echo "usage: vagrant/run.sh up|test|down|all|purge" >&2; exit 2 ;;
+  *) echo "usage: vagrant/run.sh up|test|bench|down|all|purge" >&2; exit 2 ;;
 esac

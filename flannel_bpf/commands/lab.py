@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from flannel_bpf.bench import run as bench
+from flannel_bpf.bench import vms as vm_bench
 from flannel_bpf.console import make_console
 from flannel_bpf.lab import orchestrator as orch
 from flannel_bpf.lab.topology import DEFAULT_LAB, Lab, LabError, LabNotFound
@@ -93,6 +94,9 @@ def add_parser(sub) -> None:
     bench.add_argument("--seconds", type=float, default=5.0, help="length of each traffic run (default 5)")
     bench.add_argument("--quick", action="store_true", help="a functional check of every part, in about 2 minutes")
     bench.add_argument("--out", default="bench-results", help="directory for the JSON and the chart")
+    bench.add_argument("--vms", metavar="SSH_CONFIG",
+                       help="measure the network part between the VMs of the Vagrant lab instead, reached "
+                            "through this `vagrant ssh-config` (vagrant/run.sh bench passes it)")
     bench.set_defaults(handler=run_bench)
 
 
@@ -270,6 +274,13 @@ def run_bench(args: argparse.Namespace) -> int:
     if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60:
         raise UsageError("--rounds must be 1..20 and --seconds 1..60")
     console = make_console()
+    if args.vms:
+        with _progress(console) as progress:
+            results, params = vm_bench.run(args.vms, rounds=args.rounds, seconds=args.seconds,
+                                           progress=RichProgress(progress), console=console)
+        bench.report(results, params, Path(args.out), console, benchmark="vm-bench",
+                     title="pod to pod between VMs", notice=vm_bench.NOTICE if params["emulated"] else "")
+        return 0
     with _progress(console) as progress:
         results, params = bench.run(tuple(args.only), rounds=args.rounds, seconds=args.seconds,
                                     quick=args.quick, progress=RichProgress(progress))

@@ -74,3 +74,46 @@ def test_quick_bench_of_every_part_runs_end_to_end(tmp_path):
     names = {r["metric"] for r in document["results"]}
     assert {"net.bpf-tc.tcp1_gbps", "net.vxlan.udp64_kpps", "net.underlay.rr_p50_us"} <= names
     assert any(n.startswith("prog.") for n in names) and any(n.startswith("control.") for n in names)
+
+
+def test_the_vm_bench_reports_through_the_same_code_with_its_notice(tmp_path, capsys):
+    notice = "SOFTWARE EMULATION: not performance"
+    json_path, png_path = bench.report(bench_net.summarize(samples(121.0), targets=()), {"where": "vms"},
+                                       tmp_path, benchmark="vm-bench", title="between VMs", notice=notice)
+    document = json.loads(json_path.read_text())
+    assert json_path.name.startswith("vm-bench-") and document["params"] == {"where": "vms", "notice": notice}
+    assert not [r for r in document["results"] if r["target"]]  # no verdicts on emulated figures
+    assert png_path is not None and png_path.exists()
+    out = capsys.readouterr().out
+    assert out.count(notice) == 2 and "between VMs, medians" in out
+
+
+def test_busy_cpu_seconds_from_proc_stat():
+    # user nice system idle iowait irq softirq steal guest guest_nice, in clock ticks
+    assert bench_net.busy_seconds("cpu  100 20 30 1000 50 5 5 40 0 0", 100) == pytest.approx(2.0)
+
+
+def test_one_kernel_is_counted_once_and_two_machines_both():
+    class Machine:
+        slack = 0.0
+
+        def __init__(self, busy):
+            self.busy = busy
+
+        def busy_cpu_seconds(self):
+            return self.busy
+
+    one, other = Machine(3.0), Machine(4.0)
+    assert bench_net.Endpoints("a", "b", "10.0.0.1", one, one).busy_cpu_seconds() == 3.0
+    assert bench_net.Endpoints("a", "b", "10.0.0.1", one, other).busy_cpu_seconds() == 7.0
+
+
+def test_vm_rounds_alternate_their_order_and_start_where_the_last_ended():
+    from flannel_bpf.bench import vms
+
+    first, second = vms.round_order(vms.PATHS, 0), vms.round_order(vms.PATHS, 1)
+    assert [p.name for p in first] == ["bpf-xdp", "bpf-tc", "vxlan", "underlay", "host-gw"]
+    assert second == tuple(reversed(first)) and second[0] == first[-1]
+    # The underlay sits between kernel vxlan and host-gw: measured with no program on the uplink.
+    names = [p.name for p in first]
+    assert {names[names.index("underlay") - 1], names[names.index("underlay") + 1]} == {"vxlan", "host-gw"}
