@@ -167,6 +167,20 @@ def parse_channels(ethtool_l: str) -> tuple[int | None, int | None]:
     return (combined[0], combined[1]) if len(combined) == 2 else (None, None)
 
 
+def xdp_tx_queues(iface: str, driver: str | None, mode: str | None, queues_max: int | None,
+                  queues_in_use: int | None, vcpus: int, kernel_log: str) -> str:
+    """Whether virtio_net gives XDP_TX/XDP_REDIRECT transmit queues of their own (one per CPU,
+    beside the queues in use) or shares queues under a lock. With XDP attached the queues in
+    use include XDP's, so the kernel's own warning decides; without, the arithmetic predicts."""
+    if driver != "virtio_net" or queues_max is None or queues_in_use is None:
+        return "n/a"
+    if mode == "native":
+        locked = any(f"{iface}: XDP request" in line and "locked" in line for line in kernel_log.splitlines())
+    else:
+        locked = queues_in_use + vcpus > queues_max
+    return "on shared queues (locked mode)" if locked else "on their own queues"
+
+
 def _command(argv: list[str]) -> str:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
@@ -180,12 +194,8 @@ def nic_report(iface: str) -> dict:
     mode, prog = parse_xdp(_command(["ip", "-d", "link", "show", "dev", iface]))
     addresses = json.loads(_command(["ip", "-4", "-j", "addr", "show", "dev", iface]) or "[]")
     vcpus = os.cpu_count() or 1
-    if info.get("driver") != "virtio_net" or queues_max is None:
-        tx = "n/a"
-    elif queues_in_use + vcpus <= queues_max:
-        tx = "on their own queues"
-    else:
-        tx = "on shared queues (locked mode)"
+    tx = xdp_tx_queues(iface, info.get("driver"), mode, queues_max, queues_in_use, vcpus,
+                       _command(["dmesg"]) if mode == "native" else "")
     return {"iface": iface, "driver": info.get("driver"), "driver_version": info.get("version"),
             "bus_info": info.get("bus-info"), "vcpus": vcpus, "queues_max": queues_max,
             "queues_in_use": queues_in_use, "xdp_tx_queues": tx, "xdp_mode": mode, "xdp_prog": prog,

@@ -135,4 +135,20 @@ def test_xdp_and_queue_parsing():
     channels = ("Channel parameters for eth1:\nPre-set maximums:\nRX:\t\tn/a\nTX:\t\tn/a\nOther:\t\tn/a\n"
                 "Combined:\t2\nCurrent hardware settings:\nRX:\t\tn/a\nTX:\t\tn/a\nOther:\t\tn/a\nCombined:\t1\n")
     assert parse_channels(channels) == (2, 1)
+    assert parse_channels(channels.replace("Combined:\t1", "Combined:\t2")) == (2, 2)
     assert parse_channels("netlink error: Operation not supported") == (None, None)
+
+
+def test_xdp_tx_queues_of_virtio_net():
+    from flannel_bpf.lab.node import xdp_tx_queues
+
+    warning = ("[   12.3] virtio_net virtio2 eth1: XDP request 2 queues but max is 1. XDP_TX and XDP_REDIRECT "
+               "will operate in a slower locked tx mode.\n")
+    # Attached: the queues in use count XDP's own (1 + 1 of 2); only the kernel's warning says locked.
+    assert xdp_tx_queues("eth1", "virtio_net", "native", 2, 2, 1, "") == "on their own queues"
+    assert xdp_tx_queues("eth1", "virtio_net", "native", 1, 1, 1, warning) == "on shared queues (locked mode)"
+    assert xdp_tx_queues("eth2", "virtio_net", "native", 2, 2, 1, warning) == "on their own queues"
+    # Not attached: predicted from the queues in use, the vCPUs and the maximum.
+    assert xdp_tx_queues("eth1", "virtio_net", None, 2, 1, 1, "") == "on their own queues"
+    assert xdp_tx_queues("eth1", "virtio_net", None, 2, 2, 2, "") == "on shared queues (locked mode)"
+    assert xdp_tx_queues("eth1", "veth", "native", None, None, 2, "") == "n/a"
