@@ -8,6 +8,7 @@ Parts (each its own module, each returning plain result records, see bench_commo
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 
 from rich.table import Table
@@ -127,7 +128,7 @@ def report(results: list[dict], params: dict, out: Path = RESULTS_DIR, console=N
     print_table(results, f"flannel-bpf {benchmark}: every figure", console)
     json_path = write_json(benchmark, results, params, out)
     png_path = chart(results, json_path.with_suffix(".png"),
-                     f"flannel-bpf {benchmark}: {title}" + (f"\n{notice}" if notice else ""))
+                     f"flannel-bpf {benchmark}: {title}" + (f"\n{textwrap.fill(notice, 110)}" if notice else ""))
     missed = [r["metric"] for r in results if r.get("ok") is False]
     if missed:
         console.print(f"[yellow]targets missed ({len(missed)}): {', '.join(missed)}[/]")
