@@ -24,6 +24,16 @@ def raw(etcd, prefix):
     writer.close()
 
 
+# The agents here take subnets from 10.244.100.0 up: the hostile leases below sit on 10.244.60-99,
+# and an agent that picked one of those at random would have its own lease overwritten.
+AGENT_SUBNETS = {"Network": "10.244.0.0/16", "SubnetMin": "10.244.100.0", "Backend": {"Type": "vxlan", "VNI": 1}}
+
+
+@pytest.fixture
+def network_config(registry):
+    return registry.put_network_config(json.dumps(AGENT_SUBNETS))
+
+
 def key(raw, name: str) -> str:
     return f"{raw.prefix}/subnets/{name}"
 
