@@ -113,6 +113,7 @@ class KubeApiStandIn:
         self._oldest = self._version  # watches from before this get 410 Gone
         self._generation = 0  # bumped to end every open watch
         self._held = False  # open watches deliver nothing while held
+        self._open_watches = 0
         self.silent_watches = False  # new watches get headers, then nothing, ever (a dead link)
         self.requests: list[Recorded] = []
         self.fail_next: list[int] = []  # HTTP codes to answer the next requests with (faults)
@@ -187,6 +188,12 @@ class KubeApiStandIn:
             with self._lock:
                 self._held = False
                 self._lock.notify_all()
+
+    def wait_for_watches(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Wait until `count` watches are open: a fault aimed at a watch needs the watch there
+        (a client's listing is answered before its watch request arrives)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._open_watches >= count, timeout)
 
     def drop_watches(self) -> None:
         """End every open watch (as an API server restart does)."""
@@ -322,6 +329,8 @@ class KubeApiStandIn:
             return
         with self._lock:
             generation = self._generation
+            self._open_watches += 1
+            self._lock.notify_all()
             if since in (None, "", "0"):
                 pending = [("ADDED", copy.deepcopy(n)) for _, n in sorted(self._nodes.items())]
                 cursor = self._version
@@ -349,6 +358,9 @@ class KubeApiStandIn:
             _write_chunk(handler, b"")
         except (BrokenPipeError, ConnectionResetError):
             pass
+        finally:
+            with self._lock:
+                self._open_watches -= 1
         handler.close_connection = True
 
     @staticmethod

@@ -213,6 +213,7 @@ def test_outage_reconnects_with_backoff(kube_api, standin, managers, caplog):
     manager = managers(own, sink=sink)
     manager.start()
     assert manager.wait_synced(10)
+    assert standin.wait_for_watches(1), "the manager never opened its watch"
     standin.fail_next.extend([503] * 4)
     standin.drop_watches()
     deadline = time.monotonic() + 10
@@ -260,6 +261,7 @@ def test_a_silently_dead_watch_is_noticed(kube_api, standin, managers, caplog):
     manager = managers(own, sink=sink, watch_timeout=1)
     manager.start()
     assert manager.wait_synced(10)
+    assert standin.wait_for_watches(1), "the manager never opened its watch"
     standin.silent_watches = True
     standin.drop_watches()
     deadline = time.monotonic() + 20
