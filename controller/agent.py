@@ -42,6 +42,7 @@ from flannel_bpf.loader.netlink.routes import MAIN_TABLE, find_link
 log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("bpf", "vxlan", "host-gw")
+REMOVAL_GRACE = 0.5  # seconds a removed peer stays programmed, in case its owner puts it back
 @dataclass(frozen=True)
 class AgentOptions:
     backend: str | None = None          # overrides Backend.Type of the network config
@@ -192,8 +193,13 @@ class Agent:
     # -- subnet manager hooks (its event thread) ---------------------------------------------
 
     def on_peer_event(self, event: PeerEvent) -> None:
-        """Only records the latest lease of the subnet: the applier does the work."""
-        self.applier.submit({event.lease.subnet: None if event.kind == "removed" else event.lease})
+        """Only records the latest lease of the subnet: the applier does the work. A removal
+        waits REMOVAL_GRACE: a lease deleted by hand is put back by its owner within tens of
+        ms, and its pods must not be cut off meanwhile; a put in that time replaces it."""
+        if event.kind == "removed":
+            self.applier.submit_later({event.lease.subnet: None}, REMOVAL_GRACE)
+        else:
+            self.applier.submit({event.lease.subnet: event.lease})
 
     def _apply_batch(self, leases: dict) -> None:
         """The applier thread: everything recorded since the last batch (a failing batch is

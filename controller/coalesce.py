@@ -1,11 +1,13 @@
 """A latest-state-wins work queue: producers record a value per key, one thread takes
 everything pending at once and works on it as one batch. A key submitted again before its
-batch started is worked on once, so a burst of changes costs one batch, not one per change."""
+batch started is worked on once, so a burst of changes costs one batch, not one per change.
+A value can also be submitted to fall due later; submitting its key again first replaces it."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
+import time
 from typing import Callable, Hashable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ class CoalescingWorker:
         self.items = 0                   # items in them, all told
         self._work = work
         self._pending: dict = {}
+        self._later: dict = {}   # key -> (monotonic time it falls due, value)
         self._in_flight = 0      # items of the running batch not yet reported done
         self._running = False
         self._poked = False
@@ -42,6 +45,18 @@ class CoalescingWorker:
                     self._pending.setdefault(key, value)
             else:
                 self._pending.update(items)
+            for key in items:
+                self._later.pop(key, None)
+            self._changed.notify_all()
+
+    def submit_later(self, items: Mapping[Hashable, object], delay: float) -> None:
+        """Record `items` to be worked on `delay` seconds from now, unless their key is
+        submitted again first (then that value replaces them)."""
+        due = time.monotonic() + delay
+        with self._changed:
+            for key, value in items.items():
+                self._pending.pop(key, None)
+                self._later[key] = (due, value)
             self._changed.notify_all()
 
     def poke(self) -> None:
@@ -57,16 +72,19 @@ class CoalescingWorker:
             self._in_flight = max(0, self._in_flight - 1)
 
     def take(self) -> dict:
-        """Everything pending, which no batch will see (the caller handles it)."""
+        """Everything pending, due or not, which no batch will see (the caller handles it)."""
         with self._changed:
             taken, self._pending = self._pending, {}
+            taken.update((key, value) for key, (_, value) in self._later.items())
+            self._later.clear()
             return taken
 
     @property
     def pending(self) -> int:
-        """Items submitted and not yet worked on, those of the batch running included."""
+        """Items submitted and not yet worked on, those of the batch running and those not yet
+        due included."""
         with self._changed:
-            return len(self._pending) + self._in_flight
+            return len(self._pending) + len(self._later) + self._in_flight
 
     def start(self) -> None:
         if self._thread is None:
@@ -86,7 +104,8 @@ class CoalescingWorker:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """True once nothing is pending or running (False after `timeout` seconds)."""
         with self._changed:
-            return self._changed.wait_for(lambda: not (self._pending or self._poked or self._running), timeout)
+            return self._changed.wait_for(lambda: not (self._pending or self._later or self._poked or self._running),
+                                          timeout)
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -104,8 +123,11 @@ class CoalescingWorker:
     def _run(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self.cancel.is_set()
-                                       or ((self._pending or self._poked) and not self._holds))
+                while True:
+                    until_due = self._move_due()
+                    if self.cancel.is_set() or ((self._pending or self._poked) and not self._holds):
+                        break
+                    self._changed.wait(until_due)
                 if self.cancel.is_set():
                     return
                 batch, self._pending = self._pending, {}
@@ -127,3 +149,11 @@ class CoalescingWorker:
                 self._changed.notify_all()
             if failed:
                 self.cancel.wait(self.retry_delay)
+
+    def _move_due(self) -> float | None:
+        """(Lock held.) Move the values now due to the pending ones; seconds until the next one
+        falls due (None: none waits)."""
+        now = time.monotonic()
+        for key in [key for key, (due, _) in self._later.items() if due <= now]:
+            self._pending[key] = self._later.pop(key)[1]
+        return min(due for due, _ in self._later.values()) - now if self._later else None

@@ -193,7 +193,8 @@ def test_a_burst_for_one_subnet_ends_in_its_latest_state_programmed_once():
 
 def test_agent_sink_coalesces_events_into_one_batch_of_latest_leases():
     """The agent's PeerSink side (what the subnet manager's event thread calls) wired to a real
-    backend: events only recorded, then applied by the applier thread in one batch."""
+    backend: events only recorded, then applied by the applier thread in one batch (and the
+    removals in one more, after their grace)."""
     with started_backend("vxlan") as (netns, backend):
         agent = Agent(control=None, uplink=backend.uplink, options=AgentOptions())
         agent.backend = backend
@@ -211,7 +212,8 @@ def test_agent_sink_coalesces_events_into_one_batch_of_latest_leases():
                 assert agent.applier.pending == 51 and backend.programmed == {}
                 assert agent.metrics_snapshot()["peer_events_pending"] == 51
             assert agent.applier.wait_idle(FALLBACK_WAIT)
-            assert (agent.applier.batches, agent.applier.items) == (1, 51)
+            # The puts in one batch; the removals fall due REMOVAL_GRACE later, in another.
+            assert (agent.applier.batches, agent.applier.items) == (2, 51)
             assert_programmed(netns, backend, [lease(i, 5) for i in range(1, 41)])
         finally:
             agent.applier.stop()

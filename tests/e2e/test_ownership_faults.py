@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Network
@@ -133,24 +134,53 @@ def test_agent_stopped_and_restarted_under_ping_and_tcp_loses_nothing(lab, sig):
 # ---------------------------------------------------------------------------- leases
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: a peer removes our entry on the delete event and adds it "
-                   "back on the re-put 13-25 ms later; under load one 10 ms probe can fall in that hole")
 def test_own_lease_deleted_by_hand_is_taken_again_with_the_same_subnet(lab):
+    """The owner puts its lease back within tens of ms; its peers hold the entry meanwhile
+    (the agent's removal grace), so not one probe falls in between."""
     h1, h2 = lab.host(1), lab.host(2)
     etcd = orch.etcd_client(lab)
     key = orch.lease_key(lab, _subnet(h1))
     value = etcd.get(key)
-    with ContinuousPing(h2.pods[0].netns, h1.pods[0].ip, interval=0.01) as pinging:
+    with ContinuousPing(h2.pods[0].netns, h1.pods[0].ip, interval=0.01) as pinging, \
+            MapWatch(h2, _subnet(h1)) as peer_map:
         time.sleep(0.5)
         etcd.delete(key)
         took = wait_until(lambda: etcd.get(key) is not None, 10, 0.01, "the lease taken again")
         time.sleep(1.0)
         sent, answered = pinging.stop()
     lost = set(range(1, sent + 1)) - answered
-    print(f"\nown lease deleted: taken again after {took:.3f} s; ping {sent} probes, lost {sorted(lost)}")
+    print(f"\nown lease deleted: taken again after {took:.3f} s; ping {sent} probes, lost {sorted(lost)}; "
+          f"the peer's map read {peer_map.reads} times, entry missing in {peer_map.missing}")
     assert json.loads(etcd.get(key))["PublicIP"] == json.loads(value)["PublicIP"]
     assert _subnet(h1) == IPv4Network(h1.agent.subnet)
+    assert peer_map.reads > 100 and peer_map.missing == 0, "the peer dropped our entry in between"
     assert lost <= {sent}, f"lost replies {sorted(lost)} of {sent}"
+
+
+class MapWatch:
+    """Reads `host`'s peer map every millisecond and counts the reads that lack `subnet`."""
+
+    def __init__(self, host, subnet: IPv4Network):
+        self.host, self.subnet = host, subnet
+        self.reads = self.missing = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "MapWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        with DataPlaneMaps(self.host.agent.pin_dir) as maps:
+            deadline = time.monotonic() + 30
+            while not self._stop.wait(0.001) and time.monotonic() < deadline:
+                self.reads += 1
+                if all(entry.subnet != self.subnet for entry in maps.list_peers()):
+                    self.missing += 1
 
 
 def _kernel_state(host, subnet: IPv4Network) -> dict:
