@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("bpf", "vxlan", "host-gw")
 REMOVAL_GRACE = 0.5  # seconds a removed peer stays programmed, in case its owner puts it back
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     backend: str | None = None          # overrides Backend.Type of the network config
@@ -61,8 +63,6 @@ class AgentOptions:
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
     accept_config_change: bool = False  # a config contradicting what this node runs is refused without it
-
-
 
 
 class Agent:
