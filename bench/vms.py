@@ -215,7 +215,7 @@ def _run(shells, rounds, seconds, paths, progress, say) -> tuple[list[dict], dic
     servers = {(ep.server_ns, ep.server_ip): ep for ep in eps.values()}
     for ep in servers.values():
         start_servers(ep)
-    current = current_backend(client)
+    initial = current = current_backend(client)
     samples: dict[str, dict[str, list[float]]] = {}
     nics: dict[str, list[dict]] = {}
     if progress:
@@ -238,9 +238,14 @@ def _run(shells, rounds, seconds, paths, progress, say) -> tuple[list[dict], dic
                 measure_into(samples, path.name, kind, eps[path.name], seconds)
                 if progress:
                     progress.advance("measuring")
+    if initial is not None and current != initial:
+        # As the lab was: `run.sh test` after a bench checks the data plane the lab came up with.
+        say(f"switching both VMs back to {initial.get('Type')}")
+        switch(shells, initial)
+        current = initial
     missing = [f"{p.name}.{name}" for p in paths for name in UNITS if name not in samples.get(p.name, {})]
     params = {"where": "vms", "vms": list(NODES), "virtualization": virtualization, "emulated": emulated,
               "rounds": rounds, "seconds": seconds, "paths": [p.name for p in paths],
               "subnets": [str(s) for s in subnets], "nics": nics, "missing": missing,
-              "last_backend": current}
+              "backend_after": current}
     return summarize(samples, targets=() if emulated else TARGETS), params

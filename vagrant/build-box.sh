@@ -16,7 +16,12 @@ here=$(dirname "$(readlink -f "$0")")
 repo=$(dirname "$here")
 
 CACHE=${FBPF_VAGRANT_CACHE:-/var/cache/flannel-bpf-vagrant}
-MIRROR=${FBPF_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The host's own Debian mirror, the first URI of its apt sources (either format), unless one is given.
+host_mirror() {
+  { sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' /etc/apt/sources.list.d/*.sources
+    awk '$1 == "deb" { print ($2 ~ /^\[/) ? $3 : $2 }' /etc/apt/sources.list; } 2>/dev/null | head -1 || true
+}
+MIRROR=${FBPF_DEBIAN_MIRROR:-$(host_mirror)}
 SUITE=bookworm
 # 6.12 from backports by default: closer to the kernels the data plane is written for than
 # bookworm's 6.1 (e.g. BPF_F_ADJ_ROOM_DECAP_L3_IPV4 needs 6.3). FBPF_GUEST_KERNEL_SUITE=bookworm for 6.1.
@@ -28,6 +33,7 @@ WHEELHOUSE=/opt/flannel-bpf/wheelhouse
 
 say() { printf 'build-box: %s\n' "$*"; }
 die() { printf 'build-box: error: %s\n' "$*" >&2; exit 1; }
+[ -n "$MIRROR" ] || die "no Debian mirror in this host's apt sources: set FBPF_DEBIAN_MIRROR"
 
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot)"
 for tool in debootstrap qemu-img mkfs.ext4 tar sha256sum; do

@@ -10,7 +10,7 @@
 #                         (bpf XDP, bpf tc, kernel vxlan, host-gw, underlay), switched in place:
 #                         the netns bench's table, JSON and chart. Under software emulation one
 #                         short round, a functional check whose figures are not performance.
-#                         The VMs stay up (on the last path measured): run.sh down afterwards.
+#                         The VMs stay up, switched back to the backend they had: run.sh down afterwards.
 #   vagrant/run.sh all    up, test, down (down also when up or test fail); exit code of the test
 #   vagrant/run.sh purge  down, then also the cached box, its libvirt volume and the build cache
 # Every step is bounded in time. Settings: see the Vagrantfile; also FBPF_VAGRANT_RESULTS (the
