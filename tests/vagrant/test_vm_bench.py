@@ -64,6 +64,9 @@ def test_every_path_measured_between_vms_through_the_netns_bench_report(tmp_path
             assert path.name == "vxlan" or record["vs_vxlan"] is not None
     params = document["params"]
     assert params["missing"] == [] and params["paths"] == [p.name for p in PATHS]
+    # The VMs are left on the data plane they came up with (`run.sh test` checks bpf with XDP).
+    assert params["backend_after"] == {"Type": "bpf", "VNI": 1, "Port": 8472, "DirectRouting": False,
+                                       "Decap": "xdp"}, params["backend_after"]
 
     # The XDP path ran natively in virtio_net, with transmit queues of its own; the tc path had no XDP.
     for nic in params["nics"]["bpf-xdp"]:
